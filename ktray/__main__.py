@@ -1,0 +1,3 @@
+from ktray.cli import main
+
+raise SystemExit(main())

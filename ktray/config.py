@@ -1,0 +1,390 @@
+"""Typed, frozen configuration for every stage, loaded from YAML presets.
+
+A config is a tree of frozen dataclasses. Every field is declared with :func:`param`,
+which carries its docstring and its constraints, so that validation, error messages,
+``ktray config --help``-style listings and the reliability tests that try an invalid
+value for every field are all generated from one declaration.
+
+    cfg = load_config("configs/tiny.yaml", ["cluster.k=500"])
+    cfg.cluster.k  # 500
+
+Unknown keys, wrong types and out-of-range values raise :class:`ConfigError` naming the
+field (``cluster.k``) and what it accepts, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, of the wrong type or out of range."""
+
+
+def param(
+    default: Any,
+    doc: str,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+) -> Any:
+    """Declare a config field with its docstring and numeric bounds."""
+    meta = {"doc": doc, "ge": ge, "gt": gt, "le": le, "lt": lt}
+    if isinstance(default, (list, dict)):
+        raise TypeError("use tuples for sequence defaults: configs are frozen")
+    return field(default=default, metadata=meta)
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _coerce(name: str, tp: Any, value: Any) -> Any:
+    """Return ``value`` as type ``tp`` or raise ConfigError naming ``name``."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{name}: expected {_describe(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp) or isinstance(value, bool) != any(
+            isinstance(a, bool) for a in typing.get_args(tp)
+        ):
+            raise bad
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(name, arg, value)
+            except ConfigError:
+                continue
+        raise bad
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        (item_tp, *_rest) = typing.get_args(tp)
+        return tuple(_coerce(f"{name}[{i}]", item_tp, v) for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise TypeError(f"{name}: unsupported config type {tp!r}")
+
+
+def _check_bounds(name: str, meta: dict[str, Any], value: Any) -> None:
+    items = value if isinstance(value, tuple) else (value,)
+    for v in items:
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        for key, ok, word in (
+            ("ge", lambda a, b: a >= b, ">="),
+            ("gt", lambda a, b: a > b, ">"),
+            ("le", lambda a, b: a <= b, "<="),
+            ("lt", lambda a, b: a < b, "<"),
+        ):
+            bound = meta.get(key)
+            if bound is not None and not ok(v, bound):
+                raise ConfigError(f"{name}: must be {word} {bound}, got {v!r}")
+
+
+class Section:
+    """Base of every config section: validates its fields on construction."""
+
+    _prefix: typing.ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            name = f"{self._prefix}.{f.name}" if self._prefix else f.name
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(hints[f.name]):
+                continue
+            coerced = _coerce(name, hints[f.name], value)
+            _check_bounds(name, dict(f.metadata), coerced)
+            object.__setattr__(self, f.name, coerced)
+        self.check()
+
+    def check(self) -> None:
+        """Cross-field rules; raise ConfigError naming the field."""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], prefix: str = "") -> Section:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+        hints = typing.get_type_hints(cls)
+        known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if key not in known:
+                allowed = ", ".join(sorted(known))
+                raise ConfigError(f"{name}: unknown key; allowed keys here: {allowed}")
+            tp = hints[key]
+            if dataclasses.is_dataclass(tp):
+                value = tp.from_dict(value, name)  # type: ignore[union-attr]
+            kwargs[key] = value
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if isinstance(value, Section):
+                out[f.name] = value.to_dict()
+            elif isinstance(value, tuple):
+                out[f.name] = list(value)
+            else:
+                out[f.name] = value
+        return out
+
+
+def _section(prefix: str):
+    """Make a frozen dataclass section whose errors are prefixed with ``prefix``."""
+
+    def wrap(cls: type) -> type:
+        cls._prefix = prefix  # type: ignore[attr-defined]
+        return dataclass(frozen=True)(cls)
+
+    return wrap
+
+
+Arch = Literal["alexnet", "vgg16", "resnet18", "resnet50"]
+Device = Literal["auto", "cpu", "cuda"]
+Tap = Literal["conv1", "conv2", "conv3", "conv4", "conv5"]
+
+
+@_section("data")
+class DataConfig(Section):
+    path: str = param("", "Directory or URI of packed image shards; empty means the bundled sample.")
+    train_split: str = param("train", "Split used for training every stage.")
+    val_split: str = param("val", "Split used only for evaluation.")
+    limit: int = param(0, "Use at most this many images per split (0: all). For smoke tests.", ge=0)
+    decode_batch_size: int = param(64, "Images decoded per Ray Data batch.", ge=1)
+
+
+@_section("compute")
+class ComputeConfig(Section):
+    device: Device = param("auto", "auto: GPUs when the Ray cluster has them, else CPU.")
+    num_workers: int = param(2, "Ray Train workers for the training stages.", ge=1)
+    cpus_per_worker: int = param(1, "CPUs reserved per Ray Train worker.", ge=1)
+    amp: bool = param(True, "Mixed precision (bf16 autocast) on GPU; ignored on CPU.")
+
+
+@_section("pretext")
+class PretextConfig(Section):
+    method: Literal["jigsaw"] = param("jigsaw", "Pretext task: Jigsaw++ (Noroozi et al. 2018).")
+    arch: Arch = param("vgg16", "Teacher architecture (the paper: VGG16).")
+    width: float = param(1.0, "Channel width multiplier of the trunk.", gt=0, le=4)
+    num_permutations: int = param(1000, "Permutations in the set (the paper: 1000; release: 701).", ge=2)
+    min_hamming: int = param(3, "Guaranteed minimum pairwise Hamming distance of the set.", ge=1, le=9)
+    permutation_seed: int = param(0, "Seed of the greedy permutation search.", ge=0)
+    crop: int = param(225, "Side of the random crop the 3x3 grid is cut from (px).", ge=12)
+    tile: int = param(64, "Side of each tile (px); must fit in a cell of crop // 3.", ge=4)
+    max_foreign: int = param(2, "Tiles replaced by another image's tiles: uniform in 0..max_foreign.", ge=0, le=8)
+    grey_prob: float = param(0.5, "Probability that a puzzle is made greyscale.", ge=0, le=1)
+    channel_shift: int = param(2, "Max per-channel shift in px (against chromatic aberration).", ge=0)
+    epochs: int = param(70, "Training epochs.", ge=1)
+    batch_size: int = param(256, "Puzzles per optimizer step, over all workers.", ge=1)
+    lr: float = param(0.01, "SGD learning rate.", gt=0)
+    momentum: float = param(0.9, "SGD momentum.", ge=0, lt=1)
+    weight_decay: float = param(5e-4, "SGD weight decay.", ge=0)
+    lr_step_epochs: int = param(30, "Multiply the learning rate by 0.1 every this many epochs.", ge=1)
+    val_puzzles: int = param(1000, "Fixed held-out puzzles scored every epoch.", ge=1)
+
+    def check(self) -> None:
+        if self.tile > self.crop // 3:
+            raise ConfigError(
+                f"pretext.tile: must be <= crop // 3 = {self.crop // 3} (a tile lies in one cell), got {self.tile}"
+            )
+
+
+@_section("embed")
+class EmbedConfig(Section):
+    tap: Tap = param("conv4", "Trunk layer whose activations are clustered (the paper: conv4).")
+    grid: int = param(4, "Max-pool the tap to grid x grid (the paper: 5 for AlexNet, 4 for VGG16).", ge=1)
+    image_size: int = param(224, "Images are resized and center-cropped to this side (px).", ge=16)
+    pca_dim: int = param(0, "PCA-whiten to this many dimensions (0: off; DeepCluster: 256).", ge=0)
+    l2_normalize: bool = param(True, "L2-normalise the features (after PCA, as DeepCluster).")
+    batch_size: int = param(64, "Images per forward pass.", ge=1)
+    num_actors: int = param(1, "Embedding actors (one GPU each on a GPU cluster).", ge=1)
+
+
+@_section("cluster")
+class ClusterConfig(Section):
+    k: int = param(2000, "Number of clusters (the paper: 2000).", ge=2)
+    niter: int = param(20, "Lloyd iterations.", ge=1)
+    seed: int = param(1234, "Seed for the initial centroids and subsampling (faiss default 1234).", ge=0)
+    num_actors: int = param(1, "k-means actors, each holding one partition of the features.", ge=1)
+    init: Literal["random", "kmeans++"] = param("random", "Initial centroids: sampled rows or k-means++.")
+    max_points_per_centroid: int = param(
+        0,
+        "Train on at most k times this many sampled rows, then assign all (faiss: 256; 0: train on all).",
+        ge=0,
+    )
+
+
+@_section("transfer")
+class TransferConfig(Section):
+    arch: Arch = param("alexnet", "Student architecture (the paper: AlexNet).")
+    width: float = param(1.0, "Channel width multiplier of the student.", gt=0, le=4)
+    image_size: int = param(224, "Training crop side (px).", ge=16)
+    epochs: int = param(90, "Training epochs.", ge=1)
+    batch_size: int = param(256, "Images per optimizer step, over all workers.", ge=1)
+    lr: float = param(0.1, "SGD learning rate.", gt=0)
+    momentum: float = param(0.9, "SGD momentum.", ge=0, lt=1)
+    weight_decay: float = param(1e-4, "SGD weight decay.", ge=0)
+    balanced: bool = param(True, "Sample uniformly over clusters (DeepCluster's sampler).")
+    holdout_fraction: float = param(0.05, "Fraction of images held out to score pseudo-label accuracy.", ge=0, lt=1)
+
+
+@_section("evaluate")
+class EvaluateConfig(Section):
+    taps: tuple[Tap, ...] = param(("conv1", "conv2", "conv3", "conv4", "conv5"), "Layers probed.")
+    max_dim: int = param(9216, "Pool each tap spatially until it has at most this many dimensions.", ge=1)
+    image_size: int = param(224, "Images are resized and center-cropped to this side (px).", ge=16)
+    knn_k: int = param(20, "Neighbours in the kNN classifier (cosine).", ge=1)
+    knn_temperature: float = param(0.07, "Temperature of the kNN vote weights.", gt=0)
+    fewshot_ways: int = param(5, "Classes per few-shot episode.", ge=2)
+    fewshot_shots: int = param(5, "Support images per class.", ge=1)
+    fewshot_queries: int = param(15, "Query images per class.", ge=1)
+    fewshot_episodes: int = param(600, "Few-shot episodes.", ge=1)
+    fewshot_metric: Literal["cosine", "euclidean"] = param("cosine", "Distance to the class prototypes.")
+    data: str = param(
+        "", "Labeled shards the trunk is measured on (any packed set; empty: data.path), e.g. to transfer across sets."
+    )
+    pool: Literal["max", "avg"] = param("max", "Spatial pooling of each tap down to max_dim.")
+    batch_size: int = param(64, "Images per forward pass when extracting features.", ge=1)
+    num_actors: int = param(1, "Feature-extraction actors (one GPU each on a GPU cluster).", ge=1)
+    probe_c: tuple[float, ...] = param(
+        (1e-3, 1e-2, 1e-1, 1.0), "Inverse L2 strengths of the linear probe, chosen on a held-out fifth of train."
+    )
+    probe_max_iter: int = param(200, "L-BFGS iterations of each linear-probe fit.", ge=1)
+    hog_words: int = param(1000, "Visual words of the HOG bag-of-words baseline (k-means vocabulary).", ge=2)
+    hog_image_size: int = param(224, "Side (px) of the images HOG is computed on.", ge=16)
+    hog_vocab_images: int = param(2000, "Images sampled to learn the HOG vocabulary.", ge=1)
+
+    def check(self) -> None:
+        if not self.probe_c or any(c <= 0 for c in self.probe_c):
+            raise ConfigError(f"evaluate.probe_c: expected a non-empty list of numbers > 0, got {list(self.probe_c)}")
+
+
+@_section("tracking")
+class TrackingConfig(Section):
+    uri: str = param("", "MLflow tracking URI; empty: $MLFLOW_TRACKING_URI, else a store in the run root.")
+    experiment: str = param("ktray", "MLflow experiment name.")
+
+
+@_section("")
+class Config(Section):
+    name: str = param("ktray", "Name of the pipeline run (MLflow parent run, Ray job).")
+    root: str = param("runs", "Run directory: local path or URI (s3://, gs://) holding every stage output.")
+    seed: int = param(0, "Global seed for data order, puzzles and initialisation.", ge=0)
+    data: DataConfig = field(default_factory=DataConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+    pretext: PretextConfig = field(default_factory=PretextConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {key} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: typing.Iterable[str]) -> dict[str, Any]:
+    """Turn ``["cluster.k=500", "data.path=/x"]`` into a nested dict (values parsed as YAML)."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. cluster.k=500")
+        key, raw = item.split("=", 1)
+        _set_path(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def resolve_preset(path: str | Path) -> Path:
+    """A preset name (``tiny``) or a path to a YAML file."""
+    p = Path(path)
+    if p.exists():
+        return p
+    named = PRESETS_DIR / f"{path}.yaml"
+    if named.exists():
+        return named
+    names = ", ".join(sorted(q.stem for q in PRESETS_DIR.glob("*.yaml")))
+    raise ConfigError(f"config {str(path)!r}: no such file or preset (presets: {names})")
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> Config:
+    """Load a YAML preset or file, apply ``key=value`` overrides, validate everything."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        text = resolve_preset(path).read_text()
+        try:
+            tree = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config {str(path)!r}: not valid YAML: {exc}") from None
+    tree = _merge(tree, parse_overrides(overrides))
+    return Config.from_dict(tree)  # type: ignore[return-value]
+
+
+def replace(cfg: Config, overrides: typing.Iterable[str]) -> Config:
+    """A copy of ``cfg`` with ``key=value`` overrides applied and validated."""
+    return Config.from_dict(_merge(cfg.to_dict(), parse_overrides(overrides)))  # type: ignore[return-value]
+
+
+def iter_fields(cls: type = Config, prefix: str = "") -> typing.Iterator[tuple[str, Any, dataclasses.Field]]:
+    """Yield ``(dotted_name, type, field)`` for every leaf field: for docs and generated tests."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        name = f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from iter_fields(hints[f.name], name)
+        else:
+            yield name, hints[f.name], f

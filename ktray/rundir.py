@@ -1,0 +1,142 @@
+"""The run directory: one folder per stage output, named by what it was computed from.
+
+    <root>/pretext-3f2a9c1e04/      manifest.json, permutations.npy, teacher.pt, checkpoints
+    <root>/embed-9b0c17d2aa/        manifest.json, features/*.parquet
+    <root>/cluster-51e0d7f3b2/      manifest.json, labels.parquet, centroids.npy, plots
+
+A folder's name is the stage and a hash of the stage's config section, the hashes of its
+inputs and the data it read, so a changed parameter lands in a new folder and everything
+downstream of it follows; what did not change is found done and skipped. A stage is done
+when its ``manifest.json`` exists: it is written last and atomically (a temporary name,
+then a rename), so a killed stage is never mistaken for a finished one.
+
+The root is a local path or any URI ``pyarrow.fs`` opens (``s3://bucket/runs``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+MANIFEST = "manifest.json"
+_VERSIONED = ("ktray", "ray", "torch", "torchvision", "faiss-cpu", "faiss-gpu", "pyarrow", "numpy", "mlflow")
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """``(filesystem, path)`` for a local path or a URI; local paths are made absolute."""
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *parts])
+
+
+def config_hash(*items: Any) -> str:
+    """Stable short hash of JSON-able items (dict keys sorted)."""
+    blob = json.dumps(items, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:10]
+
+
+@dataclass(frozen=True)
+class StageDir:
+    """Where one stage output lives; ``uri`` is absolute (a local path or a URI)."""
+
+    stage: str
+    key: str
+    uri: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.stage}-{self.key}"
+
+    def path(self, *parts: str) -> str:
+        return join(self.uri, *parts)
+
+    def done(self) -> bool:
+        fs, path = filesystem(self.path(MANIFEST))
+        return fs.get_file_info(path).type == pafs.FileType.File
+
+    def manifest(self) -> dict[str, Any]:
+        return json.loads(read_bytes(self.path(MANIFEST)))
+
+    def make(self) -> None:
+        fs, path = filesystem(self.uri)
+        fs.create_dir(path, recursive=True)
+
+
+def stage_dir(root: str, stage: str, config: Any, inputs: Sequence[StageDir | str] = ()) -> StageDir:
+    """The folder for ``stage`` computed with ``config`` from ``inputs`` (stage dirs or data keys)."""
+    input_keys = [i.name if isinstance(i, StageDir) else i for i in inputs]
+    key = config_hash(stage, config, input_keys)
+    _, base = filesystem(root)
+    prefix = root.split("://", 1)[0] + "://" if "://" in root else ""
+    return StageDir(stage, key, join(prefix + base if prefix else base, f"{stage}-{key}"))
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    """Write ``data`` so that a reader sees either nothing or all of it."""
+    fs, path = filesystem(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    else:  # object stores publish a PUT whole or not at all
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in _VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def write_manifest(
+    sd: StageDir,
+    *,
+    config: Any,
+    inputs: Sequence[StageDir | str] = (),
+    files: Sequence[str] = (),
+    metrics: dict[str, Any] | None = None,
+    started: float | None = None,
+) -> dict[str, Any]:
+    """Mark ``sd`` done: the last write of a stage."""
+    manifest = {
+        "stage": sd.stage,
+        "key": sd.key,
+        "config": config,
+        "inputs": [i.name if isinstance(i, StageDir) else i for i in inputs],
+        "files": list(files),
+        "metrics": metrics or {},
+        "versions": package_versions(),
+        "started": started,
+        "finished": time.time(),
+    }
+    write_bytes_atomic(sd.path(MANIFEST), json.dumps(manifest, indent=2, default=str).encode())
+    return manifest
