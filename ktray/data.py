@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 SPLIT_NAMES = ("train", "val", "test")
 REPORT = "pack_report.json"
+PLAN = ".pack_plan.json"
 # Larger images are refused before their pixels are decoded (decompression-bomb guard):
 # ImageNet's largest photos are ~4000x3000 = 12 Mpx; 10000x10000 is refused.
 MAX_PIXELS = 64_000_000
@@ -376,7 +378,9 @@ def pack(
     plans = plan_shards(entries, root, int(shard_mb * 2**20))
     fs, out_path = filesystem(out)
     fs.create_dir(out_path, recursive=True)
-    todo = [p for p in plans if fs.get_file_info(f"{out_path}/{p.filename}").type != pa.fs.FileType.File]
+    _remove_stale_tmp(fs, out_path)
+    _claim_plan(out, plans)
+    todo = [p for p in plans if fs.get_file_info(f"{out_path}/{p.filename}").type != pafs.FileType.File]
     n_todo = sum(len(p.relpaths) for p in todo)
     log.info("%d files in %d shards; %d shards to write", len(entries), len(plans), len(todo))
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
@@ -391,10 +395,39 @@ def pack(
     return report
 
 
+def _claim_plan(out: str, plans: list[ShardPlan]) -> None:
+    """Record the shard plan in ``out``; refuse to resume a pack planned differently.
+
+    Resuming is only sound when shard ``i`` means the same files in both runs: a different
+    source or shard size would silently mix two plans (missing and duplicated images).
+    """
+    plan_key = config_hash([(p.filename, p.relpaths) for p in plans])
+    uri = join(out, PLAN)
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        with fs.open_input_stream(path) as f:
+            if json.loads(f.read())["plan"] != plan_key:
+                raise ValueError(
+                    f"{out} holds shards packed from another source or with another --shard-mb; "
+                    "pack into an empty folder (or rerun with the same source and shard size)"
+                )
+        return
+    if shard_files(out):
+        raise ValueError(f"{out} holds shards that this pack did not plan; pack into an empty folder")
+    write_bytes_atomic(uri, json.dumps({"plan": plan_key, "shards": len(plans)}).encode())
+
+
+def _remove_stale_tmp(fs: pafs.FileSystem, out_path: str) -> None:
+    """Delete temporary shards left by a killed pack (never visible as shards anyway)."""
+    for i in fs.get_file_info(pafs.FileSelector(out_path)):
+        if i.base_name.startswith(".") and ".parquet.tmp-" in i.base_name:
+            fs.delete_file(i.path)
+
+
 def shard_files(path: str, split: str | None = None) -> list[str]:
     """Sorted shard paths (URIs when ``path`` is one) of ``split`` or of every split."""
     fs, base = filesystem(path)
-    infos = fs.get_file_info(pa.fs.FileSelector(base, allow_not_found=True))
+    infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
     names = sorted(
         i.base_name for i in infos
         if (m := _SHARD_RE.match(i.base_name)) and (split is None or m["split"] == split)
@@ -435,7 +468,7 @@ def info(path: str) -> dict[str, Any]:
     if not files:
         raise FileNotFoundError(f"{path}: no shards (expected files like train-00000.parquet)")
     fs, base = filesystem(join(path, REPORT))
-    if fs.get_file_info(base).type == pa.fs.FileType.File:
+    if fs.get_file_info(base).type == pafs.FileType.File:
         with fs.open_input_stream(base) as f:
             report = json.loads(f.read())
         if report.get("bytes") == sum(fs.get_file_info(filesystem(s)[1]).size for s in files):
@@ -494,7 +527,7 @@ def read_images(path: str, split: str | None = None, limit: int = 0) -> ray.data
         raise FileNotFoundError(f"{path}: no shards for split {split!r}")
     fs, _ = filesystem(path)
     schema.check_images(pq.read_schema(filesystem(files[0])[1], filesystem=fs))
-    ds = ray.data.read_parquet(files, filesystem=fs, columns=["image_id", "image", "label", "split"])
+    ds = ray.data.read_parquet(files, filesystem=fs).select_columns(["image_id", "image", "label", "split"])
     return ds.limit(limit) if limit else ds
 
 
