@@ -96,9 +96,9 @@ def _cmd_data_fetch(args: argparse.Namespace) -> None:
 
 def _cmd_stage(stage: str) -> Callable[[argparse.Namespace], None]:
     def run(args: argparse.Namespace) -> None:
+        cfg = _load(args.items)  # validate before importing torch and Ray
         from ktray import pipeline
 
-        cfg = _load(args.items)
         extra = {"trunk": args.trunk} if stage == "evaluate" else {}
         out = pipeline.run_stage(cfg, stage, **extra)
         print(f"{stage}: {out.uri}")
@@ -107,23 +107,23 @@ def _cmd_stage(stage: str) -> Callable[[argparse.Namespace], None]:
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
+    cfg = _load(args.items)
     from ktray import pipeline
 
-    cfg = _load(args.items)
     pipeline.run(cfg, force=args.force)
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
+    cfg = _load(args.items)
     from ktray import compare
 
-    cfg = _load(args.items)
     compare.run(cfg)
 
 
 def _cmd_sweep(args: argparse.Namespace) -> None:
+    cfg = _load(args.items)
     from ktray import sweep
 
-    cfg = _load(args.items)
     sweep.run(cfg)
 
 
