@@ -236,6 +236,8 @@ class EmbedConfig(Section):
     l2_normalize: bool = param(True, "L2-normalise the features (after PCA, as DeepCluster).")
     batch_size: int = param(64, "Images per forward pass.", ge=1)
     num_actors: int = param(1, "Embedding actors (one GPU each on a GPU cluster).", ge=1)
+    pca_sample: int = param(10000, "Images the PCA-whitening is fitted on (a seeded sample).", ge=2)
+    split: str = param("", "Split to embed (empty: data.train_split; 'all': every split).")
 
 
 @_section("cluster")
@@ -250,6 +252,13 @@ class ClusterConfig(Section):
         "Train on at most k times this many sampled rows, then assign all (faiss: 256; 0: train on all).",
         ge=0,
     )
+    init_sample: int = param(
+        0, "Rows k-means++ runs on (0: min(rows, 32*k)); its cost grows as k*log(k)*rows*dim.", ge=0
+    )
+    spherical: bool = param(False, "Spherical k-means: unit-norm centroids, inner-product search.")
+    cpus_per_actor: int = param(1, "CPUs (faiss threads) reserved per k-means actor.", ge=1)
+    gallery_clusters: int = param(12, "Clusters shown in the gallery (largest, smallest, random).", ge=0)
+    gallery_images: int = param(8, "Images shown per gallery row (nearest to the centroid first).", ge=1)
 
 
 @_section("transfer")
