@@ -663,6 +663,19 @@ def _save_npy(uri: str, arr: np.ndarray) -> None:
     write_bytes_atomic(uri, buf.getvalue())
 
 
+def _inputs(features: StageDir, images: str | None) -> list[StageDir | str]:
+    if images is None:
+        return [features]
+    from ktray.data import data_key
+
+    return [features, data_key(images)]
+
+
+def output_dir(cfg: Config, features: StageDir, images: str | None = None) -> StageDir:
+    """Where :func:`run` writes for this config and these inputs (the compute device is not part of it)."""
+    return stage_dir(cfg.root, "cluster", cfg.cluster.to_dict(), _inputs(features, images))
+
+
 def run(cfg: Config, features: StageDir, images: str | None = None) -> StageDir:
     """The cluster stage: k-means on the features of ``features``; labels, centroids, plots.
 
@@ -673,12 +686,8 @@ def run(cfg: Config, features: StageDir, images: str | None = None) -> StageDir:
     from ktray import gallery
 
     c = cfg.cluster
-    inputs: list[StageDir | str] = [features]
-    if images is not None:
-        from ktray.data import data_key
-
-        inputs.append(data_key(images))
-    sd = stage_dir(cfg.root, "cluster", c.to_dict(), inputs)
+    inputs = _inputs(features, images)
+    sd = output_dir(cfg, features, images)
     if sd.done():
         return sd
     started = time.time()
@@ -777,6 +786,7 @@ __all__ = [
     "distributed_lloyd",
     "lloyd",
     "make_index",
+    "output_dir",
     "partial_stats",
     "plan_partitions",
     "reduce_stats",
