@@ -195,7 +195,12 @@ class DataConfig(Section):
 class ComputeConfig(Section):
     device: Device = param("auto", "auto: GPUs when the Ray cluster has them, else CPU.")
     num_workers: int = param(2, "Ray Train workers for the training stages.", ge=1)
-    cpus_per_worker: int = param(1, "CPUs reserved per Ray Train worker.", ge=1)
+    cpus_per_worker: float = param(
+        1.0,
+        "CPUs reserved per Ray Train worker; a fraction leaves cores to the Ray Data tasks that "
+        "build the batches (needed when workers x CPUs would take every core, e.g. 2 workers on 2 cores).",
+        gt=0,
+    )
     amp: bool = param(True, "Mixed precision (bf16 autocast) on GPU; ignored on CPU.")
 
 
@@ -219,11 +224,38 @@ class PretextConfig(Section):
     weight_decay: float = param(5e-4, "SGD weight decay.", ge=0)
     lr_step_epochs: int = param(30, "Multiply the learning rate by 0.1 every this many epochs.", ge=1)
     val_puzzles: int = param(1000, "Fixed held-out puzzles scored every epoch.", ge=1)
+    image_size: int = param(
+        256, "Images are resized (short side) and center-cropped to this side before the random crop.", ge=12
+    )
+    color_jitter: float = param(
+        0.2, "Per-tile, per-channel gain jitter: each channel scaled by U[1-j, 1+j] (against colour shortcuts).",
+        ge=0, lt=1,
+    )
+    tile_dim: int = param(512, "Per-tile fc width of the Jigsaw head (the paper's fc6: 512).", ge=1)
+    hidden: int = param(4096, "Width of the fc layer over the 9 concatenated tiles (the paper's fc7: 4096).", ge=1)
+    val_fraction: float = param(
+        0.01, "Fraction of train images (chosen by a hash of image_id) held out for the validation puzzles.",
+        gt=0, lt=1,
+    )
+    shuffle_images: bool = param(
+        True,
+        "Shuffle image rows (Ray Data random_shuffle) every epoch before puzzles are built, so foreign "
+        "tiles (taken from other rows of a batch) come from random images, not class-sorted neighbours.",
+    )
 
     def check(self) -> None:
         if self.tile > self.crop // 3:
             raise ConfigError(
                 f"pretext.tile: must be <= crop // 3 = {self.crop // 3} (a tile lies in one cell), got {self.tile}"
+            )
+        if self.tile + self.channel_shift > self.crop // 3:
+            raise ConfigError(
+                f"pretext.channel_shift: tile + channel_shift must fit in a cell of crop // 3 = "
+                f"{self.crop // 3} px, got {self.tile} + {self.channel_shift}"
+            )
+        if self.crop > self.image_size:
+            raise ConfigError(
+                f"pretext.crop: must be <= pretext.image_size = {self.image_size}, got {self.crop}"
             )
 
 
@@ -312,6 +344,17 @@ class TrackingConfig(Section):
     experiment: str = param("ktray", "MLflow experiment name.")
 
 
+@_section("sweep")
+class SweepConfig(Section):
+    k: tuple[int, ...] = param((250, 500, 1000), "cluster.k values tried (a grid with max_foreign).", ge=2)
+    max_foreign: tuple[int, ...] = param((0, 1, 2), "pretext.max_foreign values tried.", ge=0, le=8)
+    metric: Literal["linear_top1", "knn_top1"] = param(
+        "linear_top1", "Objective: best linear-probe top-1 over the taps, or kNN top-1 on the best tap."
+    )
+    max_concurrent: int = param(1, "Trials run at once (each runs its own Ray Train jobs).", ge=1)
+    asha: bool = param(False, "Stop weak trials early (ASHA) on the transfer epochs' held-out accuracy.")
+
+
 @_section("")
 class Config(Section):
     name: str = param("ktray", "Name of the pipeline run (MLflow parent run, Ray job).")
@@ -325,6 +368,7 @@ class Config(Section):
     transfer: TransferConfig = field(default_factory=TransferConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:

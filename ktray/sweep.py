@@ -1,0 +1,135 @@
+"""Ray Tune sweep over ``cluster.k`` and ``pretext.max_foreign``.
+
+Tune runs one *driver function* per trial (the Train V2 pattern: Tune no longer wraps a
+trainer); the function runs the pipeline for its (k, max_foreign) and reports the
+evaluation's objective. Trials share finished stages through the run directory, so a 3x3
+grid trains the teacher 3 times (once per max_foreign), embeds 3 times and clusters 9 times;
+two trials that need the same stage at once wait on its lock instead of both computing it.
+Each trial is an MLflow run with a nested run per stage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from ktray.config import Config, replace
+from ktray.pipeline import init_ray, run_stages
+from ktray.rundir import config_hash, filesystem, join, write_bytes_atomic
+
+log = logging.getLogger(__name__)
+
+
+def objective(summary: dict[str, float], metric: str) -> float:
+    """The sweep's objective from an evaluate summary: best linear top-1 over taps, or kNN."""
+    if metric == "knn_top1":
+        return float(summary["knn_top1"])
+    return max(float(v) for k, v in summary.items() if k.startswith("top1_"))
+
+
+def trial_config(cfg: Config, k: int, max_foreign: int) -> Config:
+    return replace(cfg, [f"cluster.k={k}", f"pretext.max_foreign={max_foreign}"])
+
+
+def run_trial(params: dict[str, Any]) -> None:
+    """Tune's driver function: one pipeline run for one (k, max_foreign)."""
+    from ray import tune
+
+    from ktray.tracking import Tracker
+
+    base = Config.from_dict(params["base"])
+    cfg = trial_config(base, params["k"], params["max_foreign"])
+    tracker = Tracker(cfg)
+    name = f"{cfg.name}:k={cfg.cluster.k},max_foreign={cfg.pretext.max_foreign}"
+    with tracker.pipeline_run(name, tags={"ktray.sweep": params["sweep_id"]}):
+        stages = run_stages(cfg, tracker=tracker)
+    summary = stages["evaluate"].manifest()["metrics"]["summary"]
+    tune.report({
+        "objective": objective(summary, cfg.sweep.metric),
+        **{k: float(v) for k, v in summary.items()},
+        "evaluate_dir": stages["evaluate"].uri,
+        "pretext_dir": stages["pretext"].uri,
+    })
+
+
+def run(cfg: Config) -> list[dict[str, Any]]:
+    """``ktray sweep``: the grid, the results table, the best configuration and a plot."""
+    from ray import tune
+
+    init_ray()
+    sweep_id = config_hash(cfg.to_dict())
+    out_uri = join(cfg.root, f"sweep-{sweep_id}")
+    _, storage = filesystem(cfg.root)
+    trainable = tune.with_resources(run_trial, {"CPU": 0})  # the driver only waits; Train workers take the CPUs
+    tuner = tune.Tuner(
+        trainable,
+        param_space={
+            "k": tune.grid_search(list(cfg.sweep.k)),
+            "max_foreign": tune.grid_search(list(cfg.sweep.max_foreign)),
+            "base": cfg.to_dict(),
+            "sweep_id": sweep_id,
+        },
+        tune_config=tune.TuneConfig(max_concurrent_trials=cfg.sweep.max_concurrent),
+        run_config=tune.RunConfig(name=f"sweep-{sweep_id}-tune", storage_path=cfg.root if "://" in cfg.root
+                                  else storage, verbose=1),
+    )
+    t0 = time.time()
+    grid = tuner.fit()
+    rows = []
+    for result in grid:
+        if result.error is not None:
+            log.error("trial %s failed: %s", result.config and {k: result.config[k] for k in ("k", "max_foreign")},
+                      result.error)
+            continue
+        m = result.metrics
+        rows.append({"k": result.config["k"], "max_foreign": result.config["max_foreign"],
+                     "objective": m["objective"], "knn_top1": m.get("knn_top1"), "nmi": m.get("nmi"),
+                     "evaluate_dir": m["evaluate_dir"], "pretext_dir": m["pretext_dir"]})
+    if not rows:
+        raise RuntimeError("every sweep trial failed; see the errors above")
+    rows.sort(key=lambda r: (r["max_foreign"], r["k"]))
+    best = max(rows, key=lambda r: r["objective"])
+    table = format_rows(rows, cfg.sweep.metric)
+    write_bytes_atomic(join(out_uri, "results.md"), (table + "\n").encode())
+    write_bytes_atomic(join(out_uri, "results.json"), json.dumps({"rows": rows, "best": best}, indent=2).encode())
+    plot(rows, join(out_uri, "accuracy_vs_k.png"), cfg.sweep.metric)
+    print(table)
+    print(f"\nbest: k={best['k']}, max_foreign={best['max_foreign']} ({cfg.sweep.metric} {best['objective']:.4f})")
+    print(f"sweep of {len(rows)} trials in {time.time() - t0:.0f} s; results in {out_uri}")
+    return rows
+
+
+def format_rows(rows: list[dict[str, Any]], metric: str) -> str:
+    lines = [f"| max_foreign | k | {metric} | knn_top1 | nmi |", "|---|---|---|---|---|"]
+    for r in rows:
+        nmi = "" if r["nmi"] is None else f"{r['nmi']:.4f}"
+        knn = "" if r["knn_top1"] is None else f"{r['knn_top1']:.4f}"
+        lines.append(f"| {r['max_foreign']} | {r['k']} | {r['objective']:.4f} | {knn} | {nmi} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], uri: str, metric: str) -> None:
+    """Accuracy against k, one line per max_foreign."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for mf in sorted({r["max_foreign"] for r in rows}):
+        pts = sorted((r["k"], r["objective"]) for r in rows if r["max_foreign"] == mf)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"max_foreign={mf}")
+    ax.set_xscale("log")
+    ax.set_xlabel("k (clusters)")
+    ax.set_ylabel(metric)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    write_bytes_atomic(uri, buf.getvalue())
