@@ -133,11 +133,14 @@ def as_rows(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def assign(index_or_centroids: Any, x: np.ndarray, *, spherical: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def assign(
+    index_or_centroids: Any, x: np.ndarray, *, spherical: bool = False, centroids: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Nearest centroid of every row: ``labels`` int64 (N,), ``distances`` float32 (N,), squared L2.
 
     Accepts a ready index (faiss or :class:`TorchFlatIndex`) or a centroid matrix (k, d),
-    for which a CPU ``IndexFlatL2`` (``IndexFlatIP`` when spherical) is built.
+    for which a CPU ``IndexFlatL2`` (``IndexFlatIP`` when spherical) is built. With a ready
+    index and ``spherical``, pass its ``centroids`` too (GPU indexes cannot hand them back).
     """
     x = as_rows(x)
     if isinstance(index_or_centroids, np.ndarray):
@@ -145,7 +148,6 @@ def assign(index_or_centroids: Any, x: np.ndarray, *, spherical: bool = False) -
         index = make_index(centroids, spherical=spherical)
     else:
         index = index_or_centroids
-        centroids = None
     dist, labels = index.search(x, 1)  # (N, 1) each
     labels = labels[:, 0].astype(np.int64)
     dist = dist[:, 0]
@@ -209,7 +211,7 @@ def partial_stats(
             raise ValueError("partial_stats needs centroids or an index")
         index = make_index(centroids, spherical=spherical)
     k = centroids.shape[0] if centroids is not None else index.ntotal
-    labels, dist = assign(index, x, spherical=spherical)
+    labels, dist = assign(index, x, spherical=spherical, centroids=centroids)
     counts = np.bincount(labels, minlength=k).astype(np.int64)
     stats = Stats(class_sums(x, labels, k), counts, float(dist.astype(np.float64).sum()))
     return stats, labels, dist
@@ -489,7 +491,7 @@ class KMeansShard:
     def assign_all(self, centroids: np.ndarray) -> pa.Table:
         """Every row of the partition against the final centroids: a labels table slice."""
         index = make_index(centroids, spherical=self.spherical, device=self.device, gpu_res=self.gpu_res)
-        labels, dist = assign(index, self.x, spherical=self.spherical)
+        labels, dist = assign(index, self.x, spherical=self.spherical, centroids=as_rows(centroids))
         return pa.table(
             {"image_id": pa.array(self.ids, pa.string()), "cluster": labels.astype(np.int32), "distance": dist},
             schema=schema.LABELS,
@@ -701,6 +703,8 @@ def run(cfg: Config, features: StageDir, images: str | None = None) -> StageDir:
     n = sum(r for _, r in files)
     device = resolve_device(cfg.compute.device)
     num_actors = min(c.num_actors, n)
+    if device == "cuda":  # one GPU per actor: more actors than GPUs would wait forever
+        num_actors = max(1, min(num_actors, int(ray.cluster_resources().get("GPU", 0))))
     parts = plan_partitions(files, num_actors)
     part_rows = [sum(p.stop - p.start for p in part) for part in parts]
     sub = train_rows(n, c.k, c.seed, c.max_points_per_centroid)
