@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ktray.config import Config, ConfigError, load_config
+from ktray.tracking import TrackingUnavailable
 
 STAGES = ("pretext", "embed", "cluster", "transfer", "evaluate")
 
@@ -263,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"ktray: config error: {exc}", file=sys.stderr)
         return 2
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, TrackingUnavailable) as exc:
         print(f"ktray: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ktray.config import Config
-from ktray.rundir import StageDir, filesystem, join, write_bytes_atomic
+from ktray.rundir import StageDir, filesystem, join, record_event, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +97,15 @@ def ensure(cfg: Config, stage: str, *inputs: Any, force: bool = False, tracker: 
         reused = sd.done()
         if reused:
             print(f"[{stage}] done already: {sd.uri}", flush=True)
+            record_event(cfg.root, stage=stage, dir=sd.name, event="reused")
         else:
             print(f"[{stage}] running -> {sd.uri}", flush=True)
+            record_event(cfg.root, stage=stage, dir=sd.name, event="started")
             t0 = time.time()
             out = st.run(cfg, *inputs, **kwargs)
-            assert out.uri == sd.uri, f"{stage}: wrote {out.uri}, planned {sd.uri}"
+            if out.uri != sd.uri:
+                raise RuntimeError(f"{stage}: wrote {out.uri}, but the pipeline planned {sd.uri}")
+            record_event(cfg.root, stage=stage, dir=sd.name, event="finished", seconds=time.time() - t0)
             print(f"[{stage}] finished in {time.time() - t0:.0f} s: {sd.uri}", flush=True)
     if tracker is not None:
         tracker.log_stage(sd, reused=reused, params=st.params(cfg))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import time
 import uuid
 from collections.abc import Sequence
@@ -140,3 +141,28 @@ def write_manifest(
     }
     write_bytes_atomic(sd.path(MANIFEST), json.dumps(manifest, indent=2, default=str).encode())
     return manifest
+
+
+EVENTS = "events.jsonl"
+
+
+def record_event(root: str, **event: Any) -> None:
+    """Append one line to ``<root>/events.jsonl``: which stage was computed or reused, when, by whom.
+
+    An operator's record (and the tests' evidence that a stage ran exactly once). Local
+    roots only: object stores have no append; there the manifests are the record.
+    """
+    if "://" in root:
+        return
+    line = json.dumps({"time": time.time(), "host": socket.gethostname(), "pid": os.getpid(), **event})
+    path = Path(filesystem(root)[1]) / EVENTS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:  # O_APPEND: concurrent writers never interleave one short line
+        f.write(line + "\n")
+
+
+def read_events(root: str) -> list[dict[str, Any]]:
+    path = Path(filesystem(root)[1]) / EVENTS
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

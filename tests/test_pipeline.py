@@ -1,0 +1,223 @@
+"""The pipeline as users run it: a Ray job on a real cluster, tracked by a real MLflow server.
+
+One pipeline is computed once, through ``ray job submit`` on a ``ray start --head`` cluster
+(a separate process), logging to an ``mlflow server`` on loopback; the tests after it reuse
+that run root to check reruns, changed parameters and ``--force``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from ktray import data, pipeline
+from ktray.config import load_config
+from ktray.rundir import read_events
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The tiny preset, smaller still: the tests check mechanics, not accuracy.
+FAST = [
+    "data.limit=200",
+    "pretext.epochs=2",
+    "pretext.val_puzzles=64",
+    "cluster.k=10",
+    "cluster.niter=5",
+    "transfer.epochs=2",
+    "evaluate.taps=[conv3, conv5]",
+    "evaluate.fewshot_episodes=50",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, timeout: float) -> None:
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real ``mlflow server`` with a SQLite backend on loopback."""
+    d = tmp_path_factory.mktemp("mlflow")
+    port = _free_port()
+    log = open(d / "server.log", "w")  # noqa: SIM115 - the server writes to it until the fixture ends
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{d}/mlflow.db", "--default-artifact-root", (d / "artifacts").as_uri(),
+         "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(uri + "/health", 90)
+        yield uri
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Ray cluster started by ``ray start --head`` in its own processes; yields the dashboard URL."""
+    tmp = Path("/tmp") / f"ktray-head-{os.getpid()}"  # short: Ray's socket paths have a length limit
+    port, dash = _free_port(), _free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    subprocess.run(
+        [ray_bin, "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         "--num-cpus=2", f"--temp-dir={tmp}", "--include-dashboard=true", "--disable-usage-stats"],
+        check=True, env=env, capture_output=True, timeout=180,
+    )
+    try:
+        _wait_http(f"http://127.0.0.1:{dash}/api/version", 120)
+        yield f"http://127.0.0.1:{dash}"
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"},
+                       capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def job_run(ray_head: str, mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The pipeline, submitted as a Ray job exactly as the README shows."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    root = str(tmp_path_factory.mktemp("job") / "runs")
+    client = JobSubmissionClient(ray_head)
+    job_id = client.submit_job(
+        entrypoint=" ".join([
+            "python", "jobs/pipeline.py", "--config", "tiny", f"root={root}", f"tracking.uri={mlflow_server}",
+            "tracking.experiment=pipeline-test", *FAST,
+        ]),
+        runtime_env={"working_dir": str(REPO), "excludes": [".venv/", "runs/", ".git/", "*.egg-info/"]},
+    )
+    deadline = time.time() + 900
+    status = client.get_job_status(job_id)
+    while status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED} and time.time() < deadline:
+        time.sleep(3)
+        status = client.get_job_status(job_id)
+    logs = client.get_job_logs(job_id)
+    assert status == JobStatus.SUCCEEDED, logs[-5000:]
+    return {"root": root, "logs": logs, "mlflow": mlflow_server}
+
+
+def _cfg(root: str, *extra: str):
+    return load_config("tiny", [f"root={root}", *FAST, *extra])
+
+
+def test_job_runs_the_whole_pipeline(job_run: dict[str, str]) -> None:
+    root = job_run["root"]
+    assert "| stage |" in job_run["logs"] and "pipeline finished" in job_run["logs"]
+    dirs = {p.name.split("-")[0]: p for p in Path(root).iterdir() if (p / "manifest.json").exists()}
+    assert set(dirs) == set(pipeline.STAGES)
+    labels = pq.read_table(dirs["cluster"] / "labels.parquet")
+    train_ids = data.load_table(data.sample_path(), "train", columns=["image_id"])["image_id"].to_pylist()[:200]
+    assert sorted(labels["image_id"].to_pylist()) == sorted(train_ids)
+    assert (dirs["evaluate"] / "summary.md").exists() and (dirs["transfer"] / "student.pt").exists()
+    started = [e["stage"] for e in read_events(root) if e["event"] == "started"]
+    assert sorted(started) == sorted(pipeline.STAGES)  # each stage computed exactly once
+
+
+def test_mlflow_server_received_parent_and_nested_runs(job_run: dict[str, str]) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(job_run["mlflow"])
+    exp = client.get_experiment_by_name("pipeline-test")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].data.params["cluster.k"] == "10"
+    parent = parents[0]
+    children = {
+        r.data.tags["ktray.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    }
+    assert set(children) == set(pipeline.STAGES)
+    pretext_loss = client.get_metric_history(children["pretext"].info.run_id, "train_loss")
+    assert sorted(m.step for m in pretext_loss) == [0, 1]  # one point per epoch, none twice
+    assert children["cluster"].data.params["cluster.k"] == "10"
+    assert "nmi" in children["cluster"].data.metrics
+    artifacts = {a.path for a in client.list_artifacts(children["cluster"].info.run_id)}
+    assert {"manifest.json", "gallery.png"} <= artifacts
+    assert "student.pt" in {a.path for a in client.list_artifacts(children["transfer"].info.run_id)}
+    assert "summary.md" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+def test_rerun_does_no_work(job_run: dict[str, str], ray_session: None) -> None:
+    root = job_run["root"]
+    before = {p: p.stat().st_mtime_ns for p in Path(root).glob("*/manifest.json")}
+    n_events = len(read_events(root))
+    pipeline.run(_cfg(root))
+    assert {p: p.stat().st_mtime_ns for p in Path(root).glob("*/manifest.json")} == before
+    new = read_events(root)[n_events:]
+    assert [e["event"] for e in new] == ["reused"] * len(pipeline.STAGES)
+
+
+def test_changing_k_recomputes_only_what_depends_on_it(job_run: dict[str, str], ray_session: None) -> None:
+    root = job_run["root"]
+    n_events = len(read_events(root))
+    pipeline.run(_cfg(root, "cluster.k=12"))
+    new = read_events(root)[n_events:]
+    assert sorted(e["stage"] for e in new if e["event"] == "started") == ["cluster", "evaluate", "transfer"]
+    assert sorted(e["stage"] for e in new if e["event"] == "reused") == ["embed", "pretext"]
+
+
+def test_force_recomputes_from_a_stage_on(job_run: dict[str, str], ray_session: None) -> None:
+    root = job_run["root"]
+    n_events = len(read_events(root))
+    pipeline.run(_cfg(root), force="evaluate")
+    new = read_events(root)[n_events:]
+    assert [e["stage"] for e in new if e["event"] == "started"] == ["evaluate"]
+
+
+def test_unreachable_tracking_server_fails_before_work(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ktray", "run", "tiny", f"root={root}", f"tracking.uri=http://127.0.0.1:{_free_port()}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "unreachable" in proc.stderr
+    assert not any(p.name.startswith("pretext-") for p in root.glob("*"))
+
+
+@pytest.mark.slow
+def test_sweep_2x2_trains_pretext_once_per_max_foreign(ray_session: None, tmp_path: Path) -> None:
+    from ktray import sweep
+
+    root = str(tmp_path / "runs")
+    cfg = _cfg(root, "sweep.k=[6, 10]", "sweep.max_foreign=[0, 1]", "pretext.epochs=1", "transfer.epochs=1")
+    rows = sweep.run(cfg)
+    assert sorted((r["k"], r["max_foreign"]) for r in rows) == [(6, 0), (6, 1), (10, 0), (10, 1)]
+    started = [e for e in read_events(root) if e["event"] == "started"]
+    assert sum(e["stage"] == "pretext" for e in started) == 2
+    assert sum(e["stage"] == "embed" for e in started) == 2
+    assert sum(e["stage"] == "cluster" for e in started) == 4
+    sweep_dir = next(Path(root).glob("sweep-*"))
+    result = json.loads((sweep_dir / "results.json").read_text())
+    assert result["best"]["objective"] == max(r["objective"] for r in rows)
+    assert (sweep_dir / "accuracy_vs_k.png").stat().st_size > 0
