@@ -281,7 +281,8 @@ class ClusterConfig(Section):
     init: Literal["random", "kmeans++"] = param("random", "Initial centroids: sampled rows or k-means++.")
     max_points_per_centroid: int = param(
         0,
-        "Train on at most k times this many sampled rows, then assign all (faiss: 256; 0: train on all).",
+        "Subsample: train on at most k times this many random rows, then assign every row to the final "
+        "centroids. Not a cap on cluster size. faiss's default is 256; 0 trains on all rows (DeepCluster, CompRess).",
         ge=0,
     )
     init_sample: int = param(
@@ -305,6 +306,10 @@ class TransferConfig(Section):
     weight_decay: float = param(1e-4, "SGD weight decay.", ge=0)
     balanced: bool = param(True, "Sample uniformly over clusters (DeepCluster's sampler).")
     holdout_fraction: float = param(0.05, "Fraction of images held out to score pseudo-label accuracy.", ge=0, lt=1)
+    lr_step_epochs: int = param(30, "Multiply the learning rate by 0.1 every this many epochs (CompRess: 30).", ge=1)
+    decode_actors: int = param(
+        0, "Actors joining, decoding and augmenting the training images (0: autoscale up to 64).", ge=0
+    )
 
 
 @_section("evaluate")

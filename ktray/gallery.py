@@ -34,10 +34,12 @@ def _save(fig: Figure, uri: str) -> None:
 def objective_png(uri: str, objective: Sequence[float]) -> None:
     """Line plot of the k-means objective (sum of squared distances) per Lloyd iteration."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(5, 3.2))
     ax = fig.add_subplot()
     ax.plot(np.arange(1, len(objective) + 1), objective, marker="o", ms=3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("iteration")
     ax.set_ylabel("objective (sum of squared L2)")
     ax.set_title("k-means objective")

@@ -428,8 +428,8 @@ def features_to_numpy(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return arr.flatten().to_numpy(zero_copy_only=False).reshape(-1, d).astype(np.float32, copy=False)
 
 
-def load_pieces(pieces: Sequence[Piece]) -> tuple[np.ndarray, list[str]]:
-    """Read the rows of ``pieces``: features (N, d) float32 and image ids."""
+def load_pieces(pieces: Sequence[Piece]) -> tuple[np.ndarray, pa.ChunkedArray]:
+    """Read the rows of ``pieces``: features (N, d) float32 and image ids (Arrow strings, compact)."""
     xs, ids = [], []
     for piece in pieces:
         fs, path = filesystem(piece.uri)
@@ -438,8 +438,8 @@ def load_pieces(pieces: Sequence[Piece]) -> tuple[np.ndarray, list[str]]:
         )
         schema.feature_dim(t.schema)
         xs.append(features_to_numpy(t["feature"]))
-        ids.extend(t["image_id"].to_pylist())
-    return as_rows(np.concatenate(xs)), ids
+        ids.extend(t["image_id"].chunks)
+    return as_rows(np.concatenate(xs)), pa.chunked_array(ids, pa.string())
 
 
 class KMeansShard:
@@ -467,7 +467,8 @@ class KMeansShard:
             faiss.omp_set_num_threads(threads)
         if isinstance(source, np.ndarray):
             self.x = as_rows(source)
-            self.ids = list(ids) if ids is not None else [str(i) for i in range(len(self.x))]
+            names = list(ids) if ids is not None else [str(i) for i in range(len(self.x))]
+            self.ids = pa.chunked_array([pa.array(names, pa.string())])
         else:
             self.x, self.ids = load_pieces(source)
         self.train = self.x if train_local is None else self.x[train_local]
@@ -493,7 +494,7 @@ class KMeansShard:
         index = make_index(centroids, spherical=self.spherical, device=self.device, gpu_res=self.gpu_res)
         labels, dist = assign(index, self.x, spherical=self.spherical, centroids=as_rows(centroids))
         return pa.table(
-            {"image_id": pa.array(self.ids, pa.string()), "cluster": labels.astype(np.int32), "distance": dist},
+            {"image_id": self.ids, "cluster": labels.astype(np.int32), "distance": dist},
             schema=schema.LABELS,
         )
 
