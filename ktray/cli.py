@@ -253,6 +253,21 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--fields", action="store_true", help="list every field with its docstring")
     p.set_defaults(func=_cmd_config)
+
+    from ktray.submit import cli as _cmd_submit  # light: the Ray client is imported when it runs
+
+    p = sub.add_parser("submit", help="submit the pipeline, a sweep or a stage to a Ray cluster",
+                       formatter_class=fmt, epilog=_EPILOG,
+                       description="Validate CONFIG here, upload this working tree as the job's working directory\n"
+                       "and submit `python jobs/<job>.py --config CONFIG ...` through the Ray Jobs API,\n"
+                       "sending the cluster's token ($RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH or\n"
+                       "~/.ray/auth_token). Prints the job id and how to follow it. docs/cluster.md")
+    _config_args(p)
+    p.add_argument("--address", default=None,
+                   help="Jobs API URL (default: $RAY_API_SERVER_ADDRESS, $RAY_ADDRESS, http://127.0.0.1:8265)")
+    p.add_argument("--job", default="pipeline", choices=("pipeline", "sweep", *STAGES), help="default: pipeline")
+    p.add_argument("--follow", action="store_true", help="stream the logs; exit 1 unless the job succeeds")
+    p.set_defaults(func=_cmd_submit)
     return ap
 
 

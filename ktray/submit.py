@@ -19,6 +19,7 @@ depend on this process's ``RAY_AUTH_MODE``.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
@@ -85,7 +86,7 @@ def resolve_token(token: str | None = None) -> str | None:
         return os.environ["RAY_AUTH_TOKEN"].strip()
     path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
     p = Path(path).expanduser()
-    return p.read_text().strip() or None if p.is_file() else None
+    return (p.read_text().strip() or None) if p.is_file() else None
 
 
 def _is_loopback(url: str) -> bool:
@@ -250,3 +251,14 @@ def wait(c: Any, job_id: str, timeout_s: float = 1e9, poll_s: float = 1.0) -> st
         if status in TERMINAL or time.monotonic() > deadline:
             return status
         time.sleep(poll_s)
+
+
+def cli(args: argparse.Namespace) -> None:
+    """``ktray submit CONFIG [key=value ...] [--address URL] [--job NAME] [--follow]``."""
+    import sys
+
+    try:
+        submit(args.items, args.address, job=args.job, follow=args.follow)
+    except SubmitError as exc:
+        print(f"ktray: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None

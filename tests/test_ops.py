@@ -422,9 +422,10 @@ def test_token_auth_rejects_jobs_without_the_token(auth_cluster: LocalCluster) -
     out = subprocess.run([RAY_CLI, "job", "submit", "--address", c.dashboard, "--no-wait", "--", "echo", "pwned"],
                          env=c.client_env(token=None), capture_output=True, text=True, timeout=120, cwd=REPO)
     assert out.returncode != 0 and "Authentication" in out.stdout + out.stderr, out.stdout + out.stderr
-    # ktray.submit without a token, in a clean process: refused with a message saying what to do.
-    out = run_python(f"from ktray.submit import submit; submit(['tiny'], {c.dashboard!r})", c.client_env(token=None))
-    assert out.returncode != 0 and "requires a Ray auth token" in out.stderr, out.stderr[-2000:]
+    # `ktray submit` without a token, in a clean process: refused, with a message saying what to do.
+    out = subprocess.run([sys.executable, "-m", "ktray", "submit", "tiny", "--address", c.dashboard],
+                         env=c.client_env(token=None), capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 1 and "requires a Ray auth token" in out.stderr, out.stderr[-2000:]
     with pytest.raises(SubmitError, match="refused the Ray auth token"):
         submit(["tiny"], c.dashboard, token="0" * 64, quiet=True)
     # Nothing ran: the cluster has no job at all.
