@@ -180,6 +180,7 @@ def _section(prefix: str):
 Arch = Literal["alexnet", "vgg16", "resnet18", "resnet50"]
 Device = Literal["auto", "cpu", "cuda"]
 Tap = Literal["conv1", "conv2", "conv3", "conv4", "conv5"]
+CompareRow = Literal["random", "jigsaw", "cc_jigsaw", "cc_deep", "cc_hog", "supervised"]
 
 
 @_section("data")
@@ -307,9 +308,6 @@ class TransferConfig(Section):
     balanced: bool = param(True, "Sample uniformly over clusters (DeepCluster's sampler).")
     holdout_fraction: float = param(0.05, "Fraction of images held out to score pseudo-label accuracy.", ge=0, lt=1)
     lr_step_epochs: int = param(30, "Multiply the learning rate by 0.1 every this many epochs (CompRess: 30).", ge=1)
-    decode_actors: int = param(
-        0, "Actors joining, decoding and augmenting the training images (0: autoscale up to 64).", ge=0
-    )
 
 
 @_section("evaluate")
@@ -331,7 +329,7 @@ class EvaluateConfig(Section):
     batch_size: int = param(64, "Images per forward pass when extracting features.", ge=1)
     num_actors: int = param(1, "Feature-extraction actors (one GPU each on a GPU cluster).", ge=1)
     probe_c: tuple[float, ...] = param(
-        (1e-3, 1e-2, 1e-1, 1.0), "Inverse L2 strengths of the linear probe, chosen on a held-out fifth of train."
+        (1e-4, 1e-3, 1e-2, 1e-1), "Inverse L2 strengths of the linear probe, chosen on a held-out fifth of train."
     )
     probe_max_iter: int = param(200, "L-BFGS iterations of each linear-probe fit.", ge=1)
     hog_words: int = param(1000, "Visual words of the HOG bag-of-words baseline (k-means vocabulary).", ge=2)
@@ -341,10 +339,20 @@ class EvaluateConfig(Section):
     def check(self) -> None:
         if not self.probe_c or any(c <= 0 for c in self.probe_c):
             raise ConfigError(f"evaluate.probe_c: expected a non-empty list of numbers > 0, got {list(self.probe_c)}")
+    compare_rows: tuple[CompareRow, ...] = param(
+        ("random", "jigsaw", "cc_jigsaw", "cc_deep", "cc_hog", "supervised"),
+        "Rows of `ktray compare` (the paper's baselines), in table order.",
+    )
 
 
 @_section("tracking")
 class TrackingConfig(Section):
+        if not self.taps or len(set(self.taps)) != len(self.taps):
+            raise ConfigError(f"evaluate.taps: expected distinct taps, at least one, got {list(self.taps)}")
+        if not self.compare_rows or len(set(self.compare_rows)) != len(self.compare_rows):
+            raise ConfigError(
+                f"evaluate.compare_rows: expected distinct rows, at least one, got {list(self.compare_rows)}"
+            )
     uri: str = param("", "MLflow tracking URI; empty: $MLFLOW_TRACKING_URI, else a store in the run root.")
     experiment: str = param("ktray", "MLflow experiment name.")
 

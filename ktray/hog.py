@@ -141,6 +141,14 @@ def stage_config(cfg: Config) -> dict[str, Any]:
     }
 
 
+def output_dir(cfg: Config) -> StageDir:
+    """Where :func:`run` writes for this config and data."""
+    from ktray import rundir
+    from ktray.data import data_key, data_path
+
+    return rundir.stage_dir(cfg.root, "hog", stage_config(cfg), [data_key(data_path(cfg.data))])
+
+
 def run(cfg: Config) -> StageDir:
     """Compute HOG bag-of-words features of the training images; returns the ``hog`` stage folder.
 
@@ -155,7 +163,7 @@ def run(cfg: Config) -> StageDir:
     path = data_path(cfg.data)
     conf = stage_config(cfg)
     inputs = [data_key(path)]
-    sd = rundir.stage_dir(cfg.root, "hog", conf, inputs)
+    sd = output_dir(cfg)
     if sd.done():
         return sd
     started = time.time()

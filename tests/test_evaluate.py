@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -68,8 +69,8 @@ def test_linear_probe_separates_separable_features() -> None:
     vx = vx + np.random.default_rng(2).standard_normal(vx.shape).astype(np.float32) * 0.1
     out = linear_probe(x, y, vx, vy, seed=0)
     assert out["top1"] >= 0.98
-    assert out["C"] in (1e-3, 1e-2, 1e-1, 1.0)
-    assert set(out["search"]) == {"0.001", "0.01", "0.1", "1"}
+    assert out["C"] in (1e-4, 1e-3, 1e-2, 1e-1)
+    assert set(out["search"]) == {"0.0001", "0.001", "0.01", "0.1"}
 
 
 def test_linear_probe_on_random_features_stays_near_chance() -> None:
@@ -163,3 +164,97 @@ def test_nmi_is_one_for_a_relabeling_and_near_zero_for_independent_ids() -> None
     masked = real.copy()
     masked[:100] = -1  # unlabeled rows are left out, not counted as a class
     assert nmi(perm[real], masked) == pytest.approx(1.0)
+
+
+def test_softmax_regression_solves_scikit_learns_objective() -> None:
+    """Same C, same problem: the torch L-BFGS fit and scikit-learn's agree (the meaning of C carries over)."""
+    from sklearn.linear_model import LogisticRegression
+
+    from ktray.evaluate import SoftmaxRegression
+
+    x, y = blobs(40, classes=4, dim=16, sep=0.8, seed=10)
+    for c in (0.01, 1.0):
+        ours = SoftmaxRegression(c, max_iter=500).fit(x, y)
+        ref = LogisticRegression(C=c, max_iter=5000, tol=1e-10).fit(x, y)
+        # Softmax weights are defined up to a per-feature shift across classes; compare centred ones.
+        w = ours.weight.numpy().T
+        np.testing.assert_allclose(w - w.mean(0), ref.coef_ - ref.coef_.mean(0), atol=2e-3)
+        assert (ours.predict(x) == ref.predict(x)).mean() == 1.0
+
+
+# ----------------------------------------------------------------------------- the stage (Ray Data)
+
+FAST = [
+    "compute.cpus_per_worker=1",
+    "evaluate.image_size=64",
+    "evaluate.taps=[conv2, conv5]",
+    "evaluate.fewshot_episodes=100",
+    "evaluate.probe_max_iter=100",
+]
+
+
+def test_random_trunk_is_seeded() -> None:
+    from ktray.evaluate import build_random_trunk
+
+    a = build_random_trunk("random:alexnet:0.25", width=1.0, seed=3)
+    b = build_random_trunk("random:alexnet", width=0.25, seed=3)
+    c = build_random_trunk("random:alexnet:0.25", width=1.0, seed=4)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert a.width == 0.25 and all(np.array_equal(sa[k], sb[k]) for k in sa)
+    assert not all(np.array_equal(sa[k], sc[k]) for k in sa if sa[k].dtype.is_floating_point)
+
+
+def test_extracted_features_belong_to_their_images(ray_session: None, sample_shards: str, run_root: str) -> None:
+    """Ray's actor pool returns batches in any order: each row's features and label must stay its own."""
+    from ktray.config import load_config
+    from ktray.data import decode_batch, load_table
+    from ktray.evaluate import TapExtractor, extract_features
+
+    cfg = load_config(None, [f"root={run_root}", *FAST, "evaluate.batch_size=16"])
+    feats = extract_features(cfg, "random:alexnet:0.25", sample_shards, "val", ("conv2", "conv5"))
+    table = load_table(sample_shards, "val")
+    assert sorted(feats.image_ids.tolist()) == feats.image_ids.tolist() == sorted(table["image_id"].to_pylist())
+    truth = dict(zip(table["image_id"].to_pylist(), table["label"].to_pylist(), strict=True))
+    assert [truth[i] for i in feats.image_ids] == feats.labels.tolist()
+    # Recompute a few rows directly, without Ray, and compare.
+    rows = table.take([0, 57, 299])
+    direct = TapExtractor("random:alexnet:0.25", ("conv2", "conv5"), cfg.evaluate.max_dim, seed=cfg.seed)(
+        decode_batch(
+            {"image_id": np.asarray(rows["image_id"].to_pylist(), dtype=object),
+             "image": rows["image"].to_pylist(), "label": rows["label"].to_numpy()},
+            cfg.evaluate.image_size,
+        )
+    )
+    pos = np.searchsorted(feats.image_ids, direct["image_id"].astype(str))
+    for tap in ("conv2", "conv5"):
+        np.testing.assert_allclose(feats.taps[tap][pos], direct[tap], rtol=1e-4, atol=1e-5)
+
+
+def test_evaluate_stage_on_the_sample(ray_session: None, sample_shards: str, run_root: str) -> None:
+    import json
+
+    from ktray import evaluate
+    from ktray.compare import supervised_labels
+    from ktray.config import load_config
+
+    cfg = load_config(None, [f"root={run_root}", *FAST])
+    labels = supervised_labels(cfg)  # "clusters" = the real classes: their NMI is exactly 1
+    sd = evaluate.run(cfg, "random:alexnet:0.25", labels=labels, name="Random")
+    assert sd.done()
+    res = json.loads(Path(sd.path("results.json")).read_text())
+    assert res["classes"] == 10 and res["n_train"] == 1000 and res["n_val"] == 300
+    assert set(res["taps"]) == {"conv2", "conv5"} and res["best_tap"] in res["taps"]
+    chance, sigma = 0.1, math.sqrt(0.1 * 0.9 / 300)
+    for tap in res["taps"].values():
+        assert 0 <= tap["top1"] <= 1 and tap["C"] in cfg.evaluate.probe_c
+    # Random conv features are far from useless (the paper's random row: 12-16% on 1000 classes).
+    assert max(t["top1"] for t in res["taps"].values()) > chance + 5 * sigma
+    assert 0 <= res["knn_top1"] <= 1
+    assert res["fewshot"]["episodes"] == 100 and 0 < res["fewshot"]["ci95"] < 0.1
+    assert res["nmi"] == pytest.approx(1.0) and res["nmi_images"] == 1000
+    md = Path(sd.path("results.md")).read_text()
+    assert md.startswith("| method | conv2 | conv5 | kNN | few-shot | NMI |") and "| Random |" in md
+    assert Path(sd.path("results.csv")).read_text().splitlines()[0].startswith("name,conv2,conv5,knn")
+    summary = sd.manifest()["metrics"]["summary"]
+    assert summary["top1_conv2"] == res["taps"]["conv2"]["top1"] and summary["nmi"] == pytest.approx(1.0)
+    assert evaluate.run(cfg, "random:alexnet:0.25", labels=labels, name="Random") == sd  # done: skipped

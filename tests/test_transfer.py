@@ -1,0 +1,210 @@
+"""Transfer: the join on image_id, the held-out split, balanced sampling, then the Ray Train stage."""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ktray import schema
+from ktray.transfer import attach_clusters, balanced_rates, is_holdout, join_clusters
+
+
+def own_cluster(image_id: str, k: int) -> int:
+    """A cluster id that is a function of the id alone: what the join must reproduce per row."""
+    return zlib.crc32(image_id.encode()) % k
+
+
+@pytest.fixture(scope="module")
+def train_ids(sample_shards: str) -> list[str]:
+    from ktray.data import load_table
+
+    return load_table(sample_shards, "train", ["image_id"])["image_id"].to_pylist()
+
+
+def labels_table(ids: list[str], k: int, seed: int) -> pa.Table:
+    order = np.random.default_rng(seed).permutation(len(ids))
+    shuffled = [ids[i] for i in order]
+    clusters = [own_cluster(i, k) for i in shuffled]
+    table = pa.table(
+        {
+            "image_id": pa.array(shuffled, pa.string()),
+            "cluster": pa.array(clusters, pa.int32()),
+            "distance": pa.array(np.zeros(len(ids), np.float32)),
+        },
+        schema=schema.with_metadata(schema.LABELS, k=k),
+    )
+    schema.check_labels(table)
+    return table
+
+
+def test_join_gives_every_image_its_own_cluster_whatever_the_order(train_ids: list[str]) -> None:
+    k = 37
+    labels = labels_table(train_ids, k, seed=1)  # labels side shuffled
+    for seed in (2, 3):
+        order = np.random.default_rng(seed).permutation(len(train_ids))
+        images = pa.table({"image_id": [train_ids[i] for i in order], "pos": order})  # images side shuffled
+        joined = attach_clusters(images, labels)
+        assert joined.num_rows == len(train_ids)
+        got = dict(zip(joined["image_id"].to_pylist(), joined["cluster"].to_pylist(), strict=True))
+        assert got == {i: own_cluster(i, k) for i in train_ids}
+        # Other columns travel with their own row.
+        assert [train_ids[p] for p in joined["pos"].to_pylist()] == joined["image_id"].to_pylist()
+
+
+def test_join_drops_images_without_a_label(train_ids: list[str]) -> None:
+    labels = labels_table(train_ids[:500], 10, seed=0)
+    out = attach_clusters(pa.table({"image_id": train_ids}), labels)
+    assert sorted(out["image_id"].to_pylist()) == sorted(train_ids[:500])
+    assert attach_clusters(pa.table({"image_id": ["not-an-image"]}), labels).num_rows == 0
+
+
+def test_holdout_is_order_free_and_disjoint(train_ids: list[str]) -> None:
+    held = dict(zip(train_ids, is_holdout(train_ids, 0.2, seed=0), strict=True))
+    rev = train_ids[::-1]
+    assert dict(zip(rev, is_holdout(rev, 0.2, seed=0), strict=True)) == held
+    n = len(train_ids)
+    assert abs(sum(held.values()) - 0.2 * n) < 5 * math.sqrt(0.2 * 0.8 * n)  # Binomial(n, 0.2), 5 sigma
+    labels = labels_table(train_ids, 10, seed=0)
+    images = pa.table({"image_id": train_ids})
+    tr = join_clusters(images, labels, "train", 0.2, seed=0)["image_id"].to_pylist()
+    ho = join_clusters(images, labels, "holdout", 0.2, seed=0)["image_id"].to_pylist()
+    assert not set(tr) & set(ho) and len(tr) + len(ho) == n
+    assert set(ho) == {i for i, h in held.items() if h}
+
+
+def test_balanced_sampling_is_uniform_over_clusters() -> None:
+    # Skewed clusters: sizes 400, 100, 20, 5 and one empty cluster (id 4).
+    sizes = [400, 100, 20, 5]
+    clusters = np.repeat(np.arange(4), sizes)
+    ids = [f"img{i}" for i in range(len(clusters))]
+    labels = pa.table({"image_id": ids, "cluster": pa.array(clusters, pa.int32())})
+    rates = balanced_rates(clusters, k=5)
+    assert rates[4] == 0 and np.allclose(rates[:4] * sizes, len(ids) / 4)
+    epochs = 40
+    totals = np.zeros(5)
+    for _ in range(epochs):
+        out = join_clusters(pa.table({"image_id": ids}), labels, "train", rates=rates)
+        totals += np.bincount(out["cluster"].to_numpy(), minlength=5)
+    # Each non-empty cluster: a sum of Poissons with mean N/4 per epoch; 5 sigma over all epochs.
+    mean = epochs * len(ids) / 4
+    assert totals[4] == 0
+    assert np.all(np.abs(totals[:4] - mean) < 5 * math.sqrt(mean)), totals
+    # Without balancing every image appears once: the skew stays.
+    plain = join_clusters(pa.table({"image_id": ids}), labels, "train")
+    assert np.array_equal(np.bincount(plain["cluster"].to_numpy()), sizes)
+
+
+# ----------------------------------------------------------------------------- the stage (Ray Train)
+
+# Small enough for 2 CPU cores: a quarter-width AlexNet on 64 px crops of 400 images.
+FAST = [
+    "data.limit=0",
+    "compute.num_workers=1",
+    "compute.cpus_per_worker=1",
+    "transfer.width=0.25",
+    "transfer.image_size=64",
+    "transfer.batch_size=32",
+    "transfer.lr=0.005",
+    "transfer.weight_decay=0.0005",
+    "transfer.holdout_fraction=0.1",
+]
+
+
+def real_label_clusters(run_root: str, sample_shards: str, classes: int = 4, per_class: int = 100):
+    """A cluster stage folder whose pseudo-labels are the real labels of 4 classes: learnable by design."""
+    from ktray.data import load_table
+    from ktray.rundir import stage_dir, write_bytes_atomic, write_manifest
+
+    t = load_table(sample_shards, "train", ["image_id", "label"])
+    keep = np.flatnonzero(t["label"].to_numpy() < classes)
+    keep = np.concatenate([keep[t["label"].to_numpy()[keep] == c][:per_class] for c in range(classes)])
+    sub = t.take(pa.array(keep))
+    table = pa.table(
+        {
+            "image_id": sub["image_id"],
+            "cluster": sub["label"].cast(pa.int32()),
+            "distance": pa.array(np.zeros(sub.num_rows, np.float32)),
+        },
+        schema=schema.with_metadata(schema.LABELS, k=classes, seed=0, features="real-labels"),
+    )
+    sd = stage_dir(run_root, "cluster", {"real": classes, "n": per_class})
+    sd.make()
+    import io
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    write_bytes_atomic(sd.path("labels.parquet"), buf.getvalue())
+    write_manifest(sd, config={}, files=["labels.parquet"])
+    return sd
+
+
+RUN_SCRIPT = """
+import sys
+import ray
+from ktray import transfer
+from ktray.config import load_config
+from ktray.rundir import StageDir
+ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+transfer.run(load_config(None, sys.argv[4:]), StageDir(sys.argv[1], sys.argv[2], sys.argv[3]))
+"""
+
+
+@pytest.mark.slow
+def test_transfer_learns_and_resumes_after_being_killed(
+    ray_session: None, sample_shards: str, run_root: str, tmp_path
+) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from ktray import evaluate, models, transfer
+    from ktray.config import load_config
+
+    labels = real_label_clusters(run_root, sample_shards)
+    epochs = 5
+    overrides = [f"root={run_root}", *FAST, f"transfer.epochs={epochs}"]
+    cfg = load_config(None, overrides)
+    sd = transfer.output_dir(cfg, labels)
+
+    # A first run, killed (SIGKILL, driver and its Ray together) once the first epoch's checkpoint exists.
+    log = open(tmp_path / "killed.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RUN_SCRIPT, labels.stage, labels.key, labels.uri, *overrides],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    first = os.path.join(sd.uri, "checkpoint_epoch_0001")
+    deadline = time.time() + 600
+    while not os.path.isdir(first) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(1.0)  # let the checkpoint registration finish
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    log.close()
+    assert os.path.isdir(first), (tmp_path / "killed.log").read_text()[-3000:]
+    assert not sd.done(), "the kill landed after the run finished"
+
+    # The same stage again: it resumes from the checkpoint instead of starting over.
+    out = transfer.run(cfg, labels)
+    assert out == sd and sd.done()
+    metrics = sd.manifest()["metrics"]
+    summary, history = metrics["summary"], metrics["history"]
+    assert 1 <= summary["resumed_from_epoch"] < epochs
+    assert [h["step"] for h in history] == list(range(1, epochs + 1))
+    # It learns: the training loss falls (ln 4 = 1.39 at chance).
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert summary["num_classes"] == 4 and summary["chance"] == 0.25 and summary["images_per_s"] > 0
+    # Pseudo-label accuracy is scored on exactly the held-out labeled images (one worker: no remainder cut).
+    ids = pq.read_table(labels.path("labels.parquet"))["image_id"].to_pylist()
+    assert history[-1]["val_n"] == is_holdout(ids, cfg.transfer.holdout_fraction, cfg.seed).sum() > 0
+    assert 0 <= summary["holdout_acc"] <= 1
+    # The weights file is a trunk the evaluate stage reads back, with every tap.
+    trunk = models.load_trunk(sd.path(transfer.STUDENT))
+    assert trunk.arch == "alexnet" and trunk.width == 0.25
+    assert evaluate.load_any_trunk(sd.path(transfer.STUDENT)).taps is not None
