@@ -1,0 +1,305 @@
+"""A generic Ray Train (V2) harness shared by the training stages (pretext and transfer).
+
+What to train is a :class:`TrainTask`: a model builder, a function from a batch to
+``(inputs, targets)``, a loss and the SGD schedule; all of it picklable (module-level
+functions or ``functools.partial``), because it travels to the workers as their only config.
+:func:`fit` runs it on a ``TorchTrainer``:
+
+- one worker per ``cfg.compute.num_workers`` (gloo on CPU; nccl and one GPU each on GPU);
+- batches streamed from ``ray.train.get_dataset_shard("train")`` (Ray Data builds them on CPU);
+- SGD with momentum, weight decay, and a x0.1 step every ``lr_step_epochs`` epochs (the paper's
+  solvers, Sec. 5 of the 2018 paper); bf16 autocast and ``channels_last`` on GPU only;
+- every epoch: loss and accuracy on the training stream, loss and accuracy on the fixed ``val``
+  dataset (every worker scores its shard, the sums are all-reduced), samples per second over all
+  workers, and a checkpoint (model, optimizer, schedule, history) reported from rank 0;
+- the checkpoints live in ``RunConfig(storage_path, name)`` = the stage's own folder, so running
+  the same stage again after a crash finds the run's snapshot there and resumes from
+  ``ray.train.get_checkpoint()`` at the next epoch (Train V2's way to resume; ``Trainer.restore``
+  is gone).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import ray.data
+    import torch
+    from torch import Tensor, nn
+
+    from ktray.config import ComputeConfig
+    from ktray.rundir import StageDir
+
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+
+
+@dataclass(frozen=True)
+class TrainTask:
+    """Everything the workers need to train one model; sent to them as their config.
+
+    ``build_model()`` returns a fresh ``nn.Module`` (called with the same torch seed on every
+    worker). ``batch_fn(batch, device)`` turns a dict of tensors from ``iter_torch_batches`` into
+    ``(inputs, targets)`` on ``device``. ``loss_fn(outputs, targets)`` is a scalar loss;
+    accuracy is ``argmax(outputs) == targets``. ``batch_size`` counts samples per optimizer step
+    over all workers; ``unit`` names a sample in the metrics (``puzzles_per_s``).
+    """
+
+    build_model: Callable[[], nn.Module]
+    batch_fn: Callable[[dict[str, Tensor], torch.device], tuple[Tensor, Tensor]]
+    loss_fn: Callable[[Tensor, Tensor], Tensor]
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_step_epochs: int = 30
+    seed: int = 0
+    unit: str = "samples"
+    val_batch_size: int = 0  # 0: same per-worker size as training
+    shuffle_buffer: int = 0  # iter_torch_batches local shuffle buffer (rows per worker; 0: off)
+    extra: dict[str, Any] = field(default_factory=dict)  # stored in the checkpoint's meta
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What :func:`fit` hands back to the stage: the final weights and the per-epoch history."""
+
+    state_dict: dict[str, Any]
+    history: list[dict[str, float]]
+    starts: list[int]  # the epoch each (re)start of the run began at: [0] fresh, [0, 2] resumed once
+    checkpoint: str  # URI of the last checkpoint
+
+    @property
+    def summary(self) -> dict[str, float]:
+        return dict(self.history[-1]) if self.history else {}
+
+
+# --------------------------------------------------------------------------- driver side
+
+
+def use_gpu(compute: ComputeConfig) -> bool:
+    """``auto``: GPUs when the Ray cluster has any; ``cuda`` / ``cpu`` force it."""
+    import ray
+
+    if compute.device == "auto":
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return compute.device == "cuda"
+
+
+def fit(
+    task: TrainTask,
+    datasets: dict[str, ray.data.Dataset],
+    compute: ComputeConfig,
+    sd: StageDir,
+) -> TrainResult:
+    """Train ``task`` on ``datasets`` (``train``; ``val`` optional) with checkpoints in ``sd``.
+
+    Resumes from the last checkpoint of an earlier, interrupted run of the same ``sd``.
+    """
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    gpu = use_gpu(compute)
+    storage, name = sd.uri.rsplit("/", 1)
+    if name != sd.name:
+        raise ValueError(f"stage dir {sd.uri} is not named {sd.name}")
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"task": task, "amp": compute.amp, "cpus": compute.cpus_per_worker},
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=compute.num_workers,
+            use_gpu=gpu,
+            resources_per_worker={"CPU": compute.cpus_per_worker, **({"GPU": 1} if gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        datasets=datasets,
+        # Split every dataset (train and val) across workers; val is scored by all-reduce.
+        dataset_config=ray.train.DataConfig(datasets_to_split="all"),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training {sd.name} finished without a checkpoint")
+    return read_checkpoint(result.checkpoint)
+
+
+def read_checkpoint(checkpoint: Any) -> TrainResult:
+    """Load a harness checkpoint (a ``ray.train.Checkpoint``) on the driver."""
+    import torch
+
+    with checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+        with open(os.path.join(d, META_FILE)) as f:
+            meta = json.load(f)
+    return TrainResult(
+        state_dict=state["model"], history=meta["history"], starts=meta["starts"], checkpoint=checkpoint.path
+    )
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def _train_loop(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    task: TrainTask = config["task"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    cuda = device.type == "cuda"
+    amp = bool(config["amp"]) and cuda
+    if not cuda:
+        # One intra-op thread per reserved core: more only fights the Ray Data tasks for them.
+        torch.set_num_threads(max(1, int(config["cpus"])))
+
+    torch.manual_seed(task.seed)  # identical initial weights on every worker
+    model = task.build_model().to(device)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=task.lr, momentum=task.momentum, weight_decay=task.weight_decay)
+    schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=task.lr_step_epochs, gamma=0.1)
+
+    history: list[dict[str, float]] = []
+    starts: list[int] = []
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, STATE_FILE), map_location=device, weights_only=True)
+            with open(os.path.join(d, META_FILE)) as f:
+                meta = json.load(f)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        history, starts, start_epoch = meta["history"], meta["starts"], int(meta["epoch"])
+    starts.append(start_epoch)
+    if world > 1:
+        model = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    per_worker = max(1, task.batch_size // world)
+    val_per_worker = task.val_batch_size or per_worker
+
+    def reduce(values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        if world > 1:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    for epoch in range(start_epoch, task.epochs):
+        model.train()
+        # loss * n, correct, n; kept on the device so the loop never waits for the GPU.
+        sums = torch.zeros(3, dtype=torch.float64, device=device)
+        t0 = time.perf_counter()
+        for batch in train_shard.iter_torch_batches(
+            batch_size=per_worker,
+            drop_last=True,  # equal step counts on every worker (DDP) and no batch-norm batch of 1
+            local_shuffle_buffer_size=task.shuffle_buffer or None,
+        ):
+            x, y = task.batch_fn(batch, device)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+                out = model(x)
+                loss = task.loss_fn(out.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            n = y.shape[0]
+            sums[0] += loss.detach().double() * n
+            sums[1] += (out.detach().argmax(1) == y).sum()
+            sums[2] += n
+        local = sums.tolist()  # waits for the last step
+        elapsed = time.perf_counter() - t0
+        loss_sum, correct, seen = reduce(local)
+        schedule.step()
+        if seen == 0:
+            raise RuntimeError(
+                f"epoch {epoch + 1}: no training batches (fewer than {per_worker} samples per worker); "
+                "lower the batch size or use more data"
+            )
+        slowest = reduce([elapsed if i == rank else 0.0 for i in range(world)])
+        metrics: dict[str, float] = {
+            "epoch": epoch + 1,
+            "loss": loss_sum / max(seen, 1),
+            "train_acc": correct / max(seen, 1),
+            f"{task.unit}_per_s": seen / max(max(slowest), 1e-9),
+            "lr": optimizer.param_groups[0]["lr"],
+            "epoch_s": max(slowest),
+        }
+        if val_shard is not None:
+            metrics.update(_evaluate(model, val_shard, task, device, amp, val_per_worker, reduce))
+        history.append(metrics)
+        meta = {"epoch": epoch + 1, "history": history, "starts": starts, "extra": task.extra}
+        if rank == 0:
+            print(
+                f"[{task.unit}] epoch {epoch + 1}/{task.epochs} "
+                + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"),
+                flush=True,
+            )
+            with tempfile.TemporaryDirectory() as d:
+                state = {
+                    "model": _unwrap(model).state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(),
+                }
+                torch.save(state, os.path.join(d, STATE_FILE))
+                with open(os.path.join(d, META_FILE), "w") as f:
+                    json.dump(meta, f)
+                ray.train.report(
+                    metrics,
+                    checkpoint=ray.train.Checkpoint.from_directory(d),
+                    checkpoint_dir_name=f"checkpoint_epoch_{epoch + 1:04d}",
+                )
+        else:
+            ray.train.report(metrics)
+
+
+def _evaluate(
+    model: nn.Module,
+    shard: Any,
+    task: TrainTask,
+    device: torch.device,
+    amp: bool,
+    batch_size: int,
+    reduce: Callable[[list[float]], list[float]],
+) -> dict[str, float]:
+    """Loss and accuracy on this worker's share of the fixed validation set, summed over workers."""
+    import torch
+
+    model.eval()
+    sums = [0.0, 0.0, 0.0]
+    with torch.no_grad():
+        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=False):
+            x, y = task.batch_fn(batch, device)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+                out = model(x)
+            out = out.float()
+            sums[0] += float(task.loss_fn(out, y)) * y.shape[0]
+            sums[1] += float((out.argmax(1) == y).sum())
+            sums[2] += y.shape[0]
+    loss_sum, correct, seen = reduce(sums)
+    if seen == 0:
+        return {"val_loss": math.nan, "val_acc": math.nan, "val_n": 0.0}
+    return {"val_loss": loss_sum / seen, "val_acc": correct / seen, "val_n": seen}

@@ -1,0 +1,176 @@
+"""The pretext stage on a real local Ray: 2 CPU workers, real checkpoints, a real SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from ktray import pretext
+from ktray.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _overrides(root: str) -> list[str]:
+    # Small enough for about a minute on 2 cores: 10 permutations, 16 px tiles that fill their cells,
+    # no foreign tiles or colour tricks (the unit tests cover those), so ~100 steps show learning.
+    return [
+        f"root={root}",
+        "compute.device=cpu",
+        "compute.num_workers=2",
+        "compute.cpus_per_worker=0.5",
+        "data.limit=240",
+        "data.decode_batch_size=32",
+        "pretext.arch=resnet18",
+        "pretext.width=0.25",
+        "pretext.num_permutations=10",
+        "pretext.image_size=64",
+        "pretext.crop=48",
+        "pretext.tile=16",
+        "pretext.channel_shift=0",
+        "pretext.max_foreign=0",
+        "pretext.grey_prob=0",
+        "pretext.color_jitter=0",
+        "pretext.epochs=5",
+        "pretext.lr_step_epochs=10",
+        "pretext.batch_size=32",
+        "pretext.lr=0.02",
+        "pretext.tile_dim=32",
+        "pretext.hidden=64",
+        "pretext.val_fraction=0.15",
+        "pretext.val_puzzles=64",
+        "pretext.puzzles_per_image=4",
+    ]
+
+
+def test_heldout_slice_is_stable_disjoint_and_sized() -> None:
+    ids = [f"train/n{c:03d}/img_{i}.JPEG" for c in range(10) for i in range(300)]
+    mask = pretext.is_heldout(ids, 0.1, seed=0)
+    assert np.array_equal(mask, pretext.is_heldout(ids, 0.1, seed=0))
+    assert abs(mask.mean() - 0.1) < 5 * np.sqrt(0.1 * 0.9 / len(ids))
+    table = pa.table({"image_id": ids, "x": list(range(len(ids)))})
+    held = pretext._select(table, fraction=0.1, seed=0, heldout=True)
+    train = pretext._select(table, fraction=0.1, seed=0, heldout=False)
+    assert held.num_rows + train.num_rows == len(ids)
+    assert not set(held["image_id"].to_pylist()) & set(train["image_id"].to_pylist())
+
+
+def test_val_puzzles_are_fixed_and_train_puzzles_fresh(ray_session: None, sample_shards: str, run_root: str) -> None:
+    from ktray.jigsaw import generate_permutations
+
+    cfg = load_config(None, [*_overrides(run_root), "data.limit=120", "pretext.val_puzzles=50"])
+    perms = generate_permutations(10, 3)
+    ds = pretext.build_datasets(cfg, perms, num_workers=2)
+    val_a = ds["val"].take_batch(1000)
+    val_b = ds["val"].take_batch(1000)
+    assert len(val_a["label"]) == 50  # 50 is a multiple of the 2 workers: nothing trimmed
+    assert np.array_equal(val_a["tiles"], val_b["tiles"]) and np.array_equal(val_a["label"], val_b["label"])
+    assert val_a["tiles"].shape[1:] == (9, 3, 16, 16)
+    train_a = ds["train"].take_batch(16)
+    train_b = ds["train"].take_batch(16)
+    assert not np.array_equal(train_a["tiles"], train_b["tiles"])
+    assert ds["train"].count() == 4 * (120 - len(set(_heldout_ids(sample_shards, cfg))))
+
+
+def _heldout_ids(path: str, cfg: object) -> list[str]:
+    from ktray.data import load_table
+
+    ids = load_table(path, "train", columns=["image_id"])["image_id"].to_pylist()[:120]
+    return [i for i, h in zip(ids, pretext.is_heldout(ids, cfg.pretext.val_fraction, cfg.seed)) if h]  # type: ignore[attr-defined]
+
+
+_DRIVER = """
+import json, sys, ray
+from ktray import pretext
+from ktray.config import load_config
+ray.init(address=sys.argv[1], log_to_driver=False)
+pretext.run(load_config(None, json.loads(sys.argv[2])))
+"""
+
+
+@pytest.mark.slow
+def test_two_workers_learn_checkpoint_and_resume_after_sigkill(ray_session: None, run_root: str) -> None:
+    import ray
+    import torch
+
+    from ktray.models import load_trunk
+
+    overrides = _overrides(run_root)
+    cfg = load_config(None, overrides)
+    sd = pretext.output_dir(cfg)
+    stage_path = Path(sd.uri)
+
+    # 1. A driver in its own process trains until its second checkpoint lands, then is SIGKILLed.
+    log = open(Path(run_root) / "driver.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _DRIVER, ray.get_runtime_context().gcs_address, json.dumps(overrides)],
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    deadline = time.time() + 600
+    try:
+        while not (stage_path / "checkpoint_epoch_0002" / "meta.json").exists():
+            assert proc.poll() is None, f"driver exited early:\n{(Path(run_root) / 'driver.log').read_text()[-3000:]}"
+            assert time.time() < deadline, "no second checkpoint within 600 s"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert not sd.done(), "the run finished before it could be killed; the test would prove nothing"
+    assert (stage_path / "permutations.npy").exists()
+    # What the killed run left behind: the history inside each surviving checkpoint.
+    left = {
+        int(p.name.rsplit("_", 1)[1]): json.loads((p / "meta.json").read_text())["history"]
+        for p in stage_path.glob("checkpoint_epoch_*")
+        if (p / "meta.json").exists()
+    }
+    assert left, "no checkpoint survived"
+
+    # 2. Running the same stage again resumes from the last checkpoint and finishes.
+    again = pretext.run(cfg)
+    assert again == sd and sd.done()
+    metrics = sd.manifest()["metrics"]
+    history, summary = metrics["history"], metrics["summary"]
+    resumed = int(summary["resumed_from_epoch"])
+    assert resumed >= 1 and resumed in left
+    assert [h["step"] for h in history] == list(range(1, cfg.pretext.epochs + 1))
+    # The epochs before the resume point are the killed run's, read back from its checkpoint.
+    before = [{"step": int(h["epoch"]), **{k: v for k, v in h.items() if k != "epoch"}} for h in left[resumed]]
+    assert history[:resumed] == before
+
+    # 3. It learned: the loss fell; every epoch reported held-out accuracy and throughput.
+    assert history[-1]["loss"] < history[0]["loss"]
+    for h in history:
+        assert 0 <= h["val_acc"] <= 1 and h["val_n"] == cfg.pretext.val_puzzles and h["puzzles_per_s"] > 0
+    assert summary["chance"] == pytest.approx(1 / cfg.pretext.num_permutations)
+
+    # 4. Outputs: the permutation set sizes the classifier; the teacher loads with weights_only.
+    perms = pretext.load_permutations(sd, cfg.pretext.min_hamming)
+    assert perms.shape == (cfg.pretext.num_permutations, 9)
+    last_ckpt = max(stage_path.glob("checkpoint_epoch_*"))
+    state = torch.load(last_ckpt / "state.pt", weights_only=True)["model"]
+    assert state["head.3.weight"].shape[0] == len(perms)
+    trunk = load_trunk(sd.path("teacher.pt"))
+    assert trunk.arch == "resnet18" and trunk.width == 0.25
+    torch.testing.assert_close(trunk.state_dict()["stages.conv1.0.weight"], state["trunk.stages.conv1.0.weight"])
+    assert {"permutations.npy", "teacher.pt"} <= set(sd.manifest()["files"])
+
+    # 5. A done stage returns at once.
+    t0 = time.perf_counter()
+    assert pretext.run(cfg) == sd
+    assert time.perf_counter() - t0 < 5
