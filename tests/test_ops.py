@@ -383,6 +383,12 @@ def test_size_stats() -> None:
     assert size_stats([4, 1, 1, 2, 7]) == pytest.approx({"min": 1, "p10": 1, "median": 2, "p90": 5.8, "max": 7})
 
 
+def dashboard_variables() -> list[tuple[str, str]]:
+    """(name, label_values query) of every query variable of every dashboard."""
+    return [(v["name"], v["query"]["query"]) for f in sorted((REPO / "dashboards").glob("*.json"))
+            for v in json.loads(f.read_text())["templating"]["list"] if v["type"] == "query"]
+
+
 def dashboard_queries() -> list[tuple[str, str]]:
     """(dashboard/panel title, PromQL) of every target of every dashboard panel."""
     out = []
@@ -562,6 +568,12 @@ class Prometheus:
         assert body["status"] == "success", body
         return body["data"]["result"]
 
+    def label_values(self, label: str, selector: str) -> list[str]:
+        url = (f"http://127.0.0.1:{self.port}/api/v1/label/{label}/values?"
+               + urllib.parse.urlencode({"match[]": selector}))
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return json.load(r)["data"]
+
     def wait_ready(self, timeout_s: float = 60) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -654,6 +666,11 @@ def test_prometheus_sees_every_dashboard_query(auth_cluster: LocalCluster, tmp_p
             if not prom.query(promql(expr, job_id)):
                 empty.append(f"{title}: {promql(expr, job_id)}")
         assert not empty, "panels without data:\n" + "\n".join(empty)
+        # The dashboards' variables (Grafana's label_values) offer this run and its Ray session.
+        for name, query in dashboard_variables():
+            metric, label = re.fullmatch(r"label_values\((.+), (\w+)\)", query).groups()
+            values = prom.label_values(label, promql(metric, job_id))
+            assert (job_id in values) if name == "run" else values, (name, query, values)
         if skipped:
             print(f"no physical GPU here: {len(skipped)} GPU panel queries checked for no data only: {skipped}")
     finally:
