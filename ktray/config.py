@@ -238,6 +238,10 @@ class PretextConfig(Section):
         0.01, "Fraction of train images (chosen by a hash of image_id) held out for the validation puzzles.",
         gt=0, lt=1,
     )
+    puzzles_per_image: int = param(
+        1, "Puzzles built from each image per epoch (own crop, permutation, foreign tiles); >1 for small data.",
+        ge=1,
+    )
     shuffle_images: bool = param(
         True,
         "Shuffle image rows (Ray Data random_shuffle) every epoch before puzzles are built, so foreign "

@@ -102,7 +102,7 @@ def test_two_workers_learn_checkpoint_and_resume_after_sigkill(ray_session: None
     import ray
     import torch
 
-    from ktray.models import load_trunk
+    from ktray.models import build_jigsaw, load_trunk
 
     overrides = _overrides(run_root)
     cfg = load_config(None, overrides)
@@ -164,7 +164,10 @@ def test_two_workers_learn_checkpoint_and_resume_after_sigkill(ray_session: None
     assert perms.shape == (cfg.pretext.num_permutations, 9)
     last_ckpt = max(stage_path.glob("checkpoint_epoch_*"))
     state = torch.load(last_ckpt / "state.pt", weights_only=True)["model"]
-    assert state["head.3.weight"].shape[0] == len(perms)
+    p = cfg.pretext
+    net = build_jigsaw(p.arch, p.width, len(perms), tile_dim=p.tile_dim, hidden=p.hidden)
+    net.load_state_dict(state)  # strict: the trained classifier has exactly len(perms) outputs
+    assert net.head[-1].out_features == len(perms)
     trunk = load_trunk(sd.path("teacher.pt"))
     assert trunk.arch == "resnet18" and trunk.width == 0.25
     torch.testing.assert_close(trunk.state_dict()["stages.conv1.0.weight"], state["trunk.stages.conv1.0.weight"])
