@@ -37,7 +37,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
-from ktray import schema
+from ktray import metrics, schema
 from ktray.rundir import config_hash, filesystem, join, write_bytes_atomic
 
 if TYPE_CHECKING:
@@ -150,12 +150,13 @@ def decode_batch(
     size: int,
     mode: Literal["center", "random"] = "center",
     seed: int | None = None,
+    stage: str = "data",
 ) -> dict[str, np.ndarray]:
     """Ray Data ``map_batches`` function: decode a batch of image rows.
 
     Returns ``image_id``, ``pixels`` (N, size, size, 3) uint8 and ``label`` (int32, -1 when
     unlabeled). Rows whose bytes do not decode are dropped and logged, so one bad image
-    never stops a stage.
+    never stops a stage. Decoded and failed counts go to the ``ktray_images_*`` metrics.
     """
     rng = np.random.default_rng(seed)
     ids, pixels, labels = [], [], []
@@ -169,6 +170,7 @@ def decode_batch(
         pixels.append(arr)
         label = None if raw_labels is None else raw_labels[i]
         labels.append(-1 if label is None or (isinstance(label, float) and np.isnan(label)) else int(label))
+    metrics.record_decode(ok=len(ids), failed=len(batch["image_id"]) - len(ids), stage=stage)
     return {
         "image_id": np.asarray(ids, dtype=object),
         "pixels": np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8),

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ktray import schema
+from ktray import metrics, schema
 from ktray.rundir import StageDir, filesystem, read_bytes, stage_dir, write_bytes_atomic, write_manifest
 
 if TYPE_CHECKING:
@@ -183,6 +183,7 @@ class Embedder:
         if bad.any():
             # k-means cannot place a NaN; a diverged teacher must stop here, not in faiss.
             raise ValueError(f"non-finite features for {int(bad.sum())} images, e.g. {batch['image_id'][bad][:3]}")
+        metrics.record_embed(len(batch["image_id"]))
         return features_table(batch["image_id"], x, self.metadata)
 
 
@@ -296,6 +297,7 @@ def run(cfg: Config, teacher: StageDir) -> StageDir:
     out.write_parquet(feat_dir, filesystem=fs)
     seconds = time.time() - t0
     n_out, written = _count_rows(sd.path(FEATURES_DIR))
+    metrics.record_rows("embed", n_out)
     if written:
         got = schema.feature_dim(pq.read_schema(written[0], filesystem=fs))
         if got != dim:

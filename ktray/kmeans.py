@@ -45,7 +45,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ktray import schema
+from ktray import metrics, schema
 from ktray.rundir import StageDir, filesystem, stage_dir, write_bytes_atomic, write_manifest
 
 if TYPE_CHECKING:
@@ -560,6 +560,7 @@ def distributed_lloyd(
         c = update_centroids(total.sums, total.counts, c, spherical=spherical)
         c, _, nsplit = split_empty_clusters(c, total.counts, rng, n=n_train)
         dt = time.perf_counter() - t0
+        metrics.record_kmeans(it, total.objective, nsplit, sizes=total.counts)
         _record(result, it, niter, total.objective, nsplit, dt, verbose)
         if on_iter is not None:
             on_iter(it, total.objective, nsplit, dt)
@@ -738,6 +739,7 @@ def run(cfg: Config, features: StageDir, images: str | None = None) -> StageDir:
     sizes = np.bincount(table["cluster"].to_numpy(), minlength=c.k)
     fs, path = filesystem(sd.path("labels.parquet"))
     pq.write_table(table, path, filesystem=fs)
+    metrics.record_rows("cluster", table.num_rows)
     _save_npy(sd.path("centroids.npy"), result.centroids)
 
     agreement = label_agreement(table, images) if images is not None else {}

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ktray import metrics
 from ktray.config import Config
 from ktray.rundir import StageDir, filesystem, join, record_event, write_bytes_atomic
 
@@ -102,7 +103,8 @@ def ensure(cfg: Config, stage: str, *inputs: Any, force: bool = False, tracker: 
             print(f"[{stage}] running -> {sd.uri}", flush=True)
             record_event(cfg.root, stage=stage, dir=sd.name, event="started")
             t0 = time.time()
-            out = st.run(cfg, *inputs, **kwargs)
+            with metrics.stage_timer(stage):
+                out = st.run(cfg, *inputs, **kwargs)
             if out.uri != sd.uri:
                 raise RuntimeError(f"{stage}: wrote {out.uri}, but the pipeline planned {sd.uri}")
             record_event(cfg.root, stage=stage, dir=sd.name, event="finished", seconds=time.time() - t0)

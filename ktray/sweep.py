@@ -62,7 +62,14 @@ def run(cfg: Config) -> list[dict[str, Any]]:
     sweep_id = config_hash(cfg.to_dict())
     out_uri = join(cfg.root, f"sweep-{sweep_id}")
     _, storage = filesystem(cfg.root)
-    trainable = tune.with_resources(run_trial, {"CPU": 0})  # the driver only waits; Train workers take the CPUs
+    import ray
+
+    # A trial is a driver: it only waits while its Train workers use the CPUs and GPUs. On a
+    # cluster from cluster.yaml, the head's `ktray_driver` resource keeps drivers off spot nodes.
+    resources = {"CPU": 0.0}
+    if ray.cluster_resources().get("ktray_driver"):
+        resources["ktray_driver"] = 1.0
+    trainable = tune.with_resources(run_trial, resources)
     tuner = tune.Tuner(
         trainable,
         param_space={
