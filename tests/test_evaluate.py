@@ -204,6 +204,7 @@ def test_random_trunk_is_seeded() -> None:
     assert not all(np.array_equal(sa[k], sc[k]) for k in sa if sa[k].dtype.is_floating_point)
 
 
+@pytest.mark.slow
 def test_extracted_features_belong_to_their_images(ray_session: None, sample_shards: str, run_root: str) -> None:
     """Ray's actor pool returns batches in any order: each row's features and label must stay its own."""
     from ktray.config import load_config
@@ -230,6 +231,7 @@ def test_extracted_features_belong_to_their_images(ray_session: None, sample_sha
         np.testing.assert_allclose(feats.taps[tap][pos], direct[tap], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_evaluate_stage_on_the_sample(ray_session: None, sample_shards: str, run_root: str) -> None:
     import json
 

@@ -1,0 +1,83 @@
+"""``ktray compare``: the baselines table (rows x taps, kNN, few-shot, NMI) as Markdown, CSV and PNG."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+
+from ktray.evaluate import format_csv, format_markdown, result_row
+
+
+def fake_results(name: str, tops: dict[str, float], nmi: float | None) -> dict:
+    res = {
+        "name": name,
+        "taps": {t: {"top1": v} for t, v in tops.items()},
+        "best_tap": max(tops, key=tops.get),
+        "knn_top1": 0.5,
+        "fewshot": {"mean": 0.6, "ci95": 0.012},
+    }
+    if nmi is not None:
+        res["nmi"] = nmi
+    return res
+
+
+def test_table_layout() -> None:
+    taps = ("conv1", "conv3")
+    rows = [
+        result_row(fake_results("Random", {"conv1": 0.12, "conv3": 0.1}, None), taps),
+        result_row(fake_results("CC+HOG", {"conv1": 0.2, "conv3": 0.345}, 0.4321), taps),
+    ]
+    md = format_markdown(rows, taps).splitlines()
+    assert md[0] == "| method | conv1 | conv3 | kNN | few-shot | NMI |"
+    assert md[2] == "| Random | 12.0 | 10.0 | 50.0 (conv1) | 60.0 ± 1.2 | - |"
+    assert md[3] == "| CC+HOG | 20.0 | 34.5 | 50.0 (conv3) | 60.0 ± 1.2 | 0.432 |"
+    parsed = list(csv.DictReader(format_csv(rows).splitlines()))
+    assert [r["name"] for r in parsed] == ["Random", "CC+HOG"]
+    assert float(parsed[1]["conv3"]) == 0.345 and math.isnan(float(parsed[0]["nmi"]))
+
+
+@pytest.mark.slow
+def test_compare_runs_the_rows_and_writes_the_table(ray_session: None, run_root: str) -> None:
+    from ktray import compare
+    from ktray.config import load_config
+
+    cfg = load_config(None, [
+        f"root={run_root}",
+        "data.limit=200",
+        "compute.num_workers=1",
+        "compute.cpus_per_worker=1",
+        "cluster.k=8",
+        "cluster.niter=5",
+        "transfer.width=0.25",
+        "transfer.image_size=48",
+        "transfer.epochs=1",
+        "transfer.batch_size=32",
+        "transfer.lr=0.005",
+        "evaluate.image_size=48",
+        "evaluate.taps=[conv3, conv5]",
+        "evaluate.fewshot_episodes=50",
+        "evaluate.probe_max_iter=50",
+        "evaluate.hog_words=32",
+        "evaluate.hog_image_size=48",
+        "evaluate.hog_vocab_images=50",
+        "evaluate.compare_rows=[random, cc_hog, supervised]",
+    ])
+    sd = compare.run(cfg)
+    assert sd.done()
+    md = Path(sd.path("compare.md")).read_text().splitlines()
+    assert md[0] == "| method | conv3 | conv5 | kNN | few-shot | NMI |"
+    names = [line.split("|")[1].strip() for line in md[2:5]]
+    assert names == ["Random", "CC+HOG", "Supervised"]
+    # Only the clustered row has pseudo-labels to score against the real labels.
+    nmis = [line.split("|")[-2].strip() for line in md[2:5]]
+    assert nmis[0] == "-" and nmis[2] == "-" and 0 <= float(nmis[1]) <= 1
+    rows = list(csv.DictReader(Path(sd.path("compare.csv")).read_text().splitlines()))
+    assert [r["name"] for r in rows] == names and all(0 <= float(r["conv5"]) <= 1 for r in rows)
+    assert Path(sd.path("compare.png")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Every row's stages are in the run directory; a second compare finds them all done.
+    stages = {p.name.split("-")[0] for p in Path(run_root).iterdir() if (p / "manifest.json").exists()}
+    assert {"evaluate", "transfer", "cluster", "hog", "reallabels", "compare"} <= stages
+    assert compare.run(cfg) == sd
