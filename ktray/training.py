@@ -218,8 +218,12 @@ def _train_loop(config: dict[str, Any]) -> None:
             batch_size=per_worker,
             drop_last=True,  # equal step counts on every worker (DDP) and no batch-norm batch of 1
             local_shuffle_buffer_size=task.shuffle_buffer or None,
+            prefetch_batches=2,  # keep the next batches in flight while the GPU works
+            pin_memory=cuda,
         ):
             x, y = task.batch_fn(batch, device)
+            if cuda and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)  # NHWC convs on tensor cores
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
                 out = model(x)
                 loss = task.loss_fn(out.float(), y)
@@ -293,6 +297,8 @@ def _evaluate(
     with torch.no_grad():
         for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=False):
             x, y = task.batch_fn(batch, device)
+            if x.is_cuda and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
                 out = model(x)
             out = out.float()
