@@ -420,9 +420,10 @@ def extract_features(
     """Run every image of ``split`` through the frozen ``trunk``; pooled taps on the driver.
 
     ``trunk`` is a weights URI, ``random:<arch>[:<width>]`` or an ``nn.Module``. Streaming
-    Ray Data as in embed: decode on CPU tasks, the trunk on a fixed-size actor pool with
-    one GPU per actor where the cluster has GPUs.
+    Ray Data as in embed: decode, then the trunk on a fixed-size actor pool with one GPU per
+    actor where the cluster has GPUs (Ray Data fuses the decode into the actors on CPU).
     """
+    import ray
     from ray.data import ActorPoolStrategy
 
     from ktray.data import decode_batch, read_images
@@ -432,6 +433,8 @@ def extract_features(
     taps = tuple(taps or e.taps)
     device = resolve_device(cfg.compute.device)
     gpu = device == "cuda"
+    # An actor that reserved every CPU would starve the read tasks feeding it: leave one free.
+    cpus = max(1, min(cfg.compute.cpus_per_worker, int(ray.cluster_resources().get("CPU", 1)) - 1))
     ds = read_images(data_path, split, cfg.data.limit)
     decoded = ds.map_batches(
         decode_batch,
@@ -448,13 +451,13 @@ def extract_features(
             "seed": cfg.seed,
             "device": device,
             "amp": cfg.compute.amp and gpu,
-            "threads": cfg.compute.cpus_per_worker,
+            "threads": cpus,
         },
         batch_size=e.batch_size,
         batch_format="numpy",
         compute=ActorPoolStrategy(size=e.num_actors),  # fixed size: GPU pools do not autoscale well
         num_gpus=1 if gpu else 0,
-        num_cpus=1 if gpu else cfg.compute.cpus_per_worker,
+        num_cpus=1 if gpu else cpus,
     )
     ids: list[np.ndarray] = []
     labels: list[np.ndarray] = []
