@@ -216,7 +216,7 @@ def _embed_dataset(cfg: Config, ds: Any, weights: str, device: str, pca: str | N
 
     e = cfg.embed
     decoded = ds.map_batches(
-        decode_batch, fn_kwargs={"size": e.image_size, "mode": "center"},
+        decode_batch, fn_kwargs={"size": e.image_size, "mode": "center", "stage": "embed"},
         batch_size=cfg.data.decode_batch_size, batch_format="numpy",
     )
     gpu = device == "cuda"

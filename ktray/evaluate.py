@@ -438,7 +438,7 @@ def extract_features(
     ds = read_images(data_path, split, cfg.data.limit)
     decoded = ds.map_batches(
         decode_batch,
-        fn_kwargs={"size": e.image_size, "mode": "center"},
+        fn_kwargs={"size": e.image_size, "mode": "center", "stage": "evaluate"},
         batch_size=cfg.data.decode_batch_size,
         batch_format="numpy",
     )

@@ -103,7 +103,7 @@ def sample_batch(batch: dict[str, np.ndarray], size: int, per_image: int, seed: 
     """Ray Data pass 1: decode, HOG, keep ``per_image`` random block descriptors per image."""
     from ktray.data import decode_batch
 
-    dec = decode_batch(batch, size, "center")
+    dec = decode_batch(batch, size, "center", stage="hog")
     rows = []
     for image_id, pixels in zip(dec["image_id"], dec["pixels"], strict=True):
         d = hog_descriptors(pixels)
@@ -116,7 +116,7 @@ def histogram_batch(batch: dict[str, np.ndarray], size: int, vocabulary: np.ndar
     """Ray Data pass 2: decode, HOG, histogram over the vocabulary; rows of the features schema."""
     from ktray.data import decode_batch
 
-    dec = decode_batch(batch, size, "center")
+    dec = decode_batch(batch, size, "center", stage="hog")
     hist = bow_histograms([hog_descriptors(p) for p in dec["pixels"]], vocabulary)  # (B, V)
     words = len(vocabulary)
     feature = pa.FixedSizeListArray.from_arrays(pa.array(hist.reshape(-1), pa.float32()), words)

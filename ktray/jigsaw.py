@@ -276,14 +276,16 @@ def puzzle_batch(
     ``repeats`` builds that many independent puzzles per image (each round draws its foreign
     tiles from the other images of the batch, never from a copy of the same image).
     """
+    from ktray import metrics
     from ktray.data import decode_batch
 
-    decoded = decode_batch(batch, size=image_size, mode="center")
+    decoded = decode_batch(batch, size=image_size, mode="center", stage="pretext")
     rng = np.random.default_rng(None if seed is None else batch_seed(seed, decoded["image_id"]))
     if len(decoded["pixels"]) == 0:
         t = spec.tile
         return {"tiles": np.zeros((0, CELLS, 3, t, t), np.float32), "label": np.zeros(0, np.int64)}
     rounds = [make_puzzles(decoded["pixels"], perms, rng, spec) for _ in range(repeats)]
+    metrics.record_puzzles(sum(len(r["label"]) for r in rounds))
     return {
         "tiles": np.concatenate([r["tiles"] for r in rounds]),
         "label": np.concatenate([r["label"] for r in rounds]),

@@ -123,7 +123,7 @@ def decode_clusters(batch: dict[str, np.ndarray], size: int, mode: str = "random
     from ktray.data import decode_batch
 
     rows = {"image_id": batch["image_id"], "image": batch["image"], "label": batch["cluster"]}
-    out = decode_batch(rows, size, mode)  # type: ignore[arg-type]
+    out = decode_batch(rows, size, mode, stage="transfer")  # type: ignore[arg-type]
     return {"pixels": out["pixels"], "label": out["label"].astype(np.int64)}
 
 
