@@ -156,7 +156,7 @@ class Embedder:
         amp: bool = False,
         pca: str | None = None,
         l2: bool = False,
-        threads: int = 0,
+        threads: float = 0,
         metadata: dict[str, Any] | None = None,
     ):
         import torch
@@ -164,7 +164,7 @@ class Embedder:
         from ktray.models import load_trunk
 
         if threads > 0 and device == "cpu":
-            torch.set_num_threads(int(threads))
+            torch.set_num_threads(max(1, round(threads)))  # a fractional CPU share still runs one thread
         self.device = device
         self.trunk = load_trunk(weights).to(device).eval()
         if device == "cuda":
