@@ -103,12 +103,31 @@ def fit(
     """Train ``task`` on ``datasets`` (``train``; ``val`` optional) with checkpoints in ``sd``.
 
     Resumes from the last checkpoint of an earlier, interrupted run of the same ``sd``.
+
+    ``trainer.fit()`` runs in a zero-CPU task whose runtime env pins ``RAY_ADDRESS`` to this
+    cluster. Train V2's controller starts a detached ``PlacementGroupCleaner`` that looks the
+    controller up through the state API with no address; on a host where another Ray cluster
+    was started with ``ray start`` (a laptop, a shared CI box) that lookup lands on the other
+    cluster, finds no controller, and removes this run's placement group, killing the workers
+    mid-epoch. Actors inherit the env of the task that creates them, so the pin reaches it.
     """
     import ray
+
+    pinned = {"env_vars": {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}}
+    runner = ray.remote(num_cpus=0, max_retries=0)(_fit).options(runtime_env=pinned)
+    return ray.get(runner.remote(task, datasets, compute, sd, use_gpu(compute)))
+
+
+def _fit(
+    task: TrainTask,
+    datasets: dict[str, ray.data.Dataset],
+    compute: ComputeConfig,
+    sd: StageDir,
+    gpu: bool,
+) -> TrainResult:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    gpu = use_gpu(compute)
     storage, name = sd.uri.rsplit("/", 1)
     if name != sd.name:
         raise ValueError(f"stage dir {sd.uri} is not named {sd.name}")
