@@ -4,7 +4,7 @@ Pure numpy: nothing here imports torch or Ray, so every rule can be unit tested 
 
 A puzzle is a 3x3 grid of tiles cut from a random crop of one image, shown in the order of
 one permutation of a fixed set; the network predicts the permutation's index (2016, Sec. 3).
-Jigsaw++ (2018, Sec. 4) replaces 0..``max_foreign`` of the tiles with tiles of another image
+Jigsaw++ (Noroozi et al. 2018) replaces 0..``max_foreign`` of the tiles with tiles of another image
 and keeps the label, so the task cannot be solved by matching edges alone.
 
 Conventions (used by every stage that loads ``permutations.npy``):
@@ -54,11 +54,11 @@ def generate_permutations(n: int, min_hamming: int = 3, seed: int = 0) -> np.nda
     """``n`` permutations of the 3x3 grid chosen greedily by the max-min Hamming rule.
 
     Each new permutation is the one whose *minimum* distance to those already chosen is
-    largest (Noroozi & Favaro 2016, Sec. 3.2, Algorithm 1 with the max-min criterion, which,
-    unlike max-average, guarantees a floor). The first pick is random; ties are broken in a
+    largest: Algorithm 1 of Noroozi & Favaro (2016, Sec. 3.2) with its average distance replaced
+    by the minimum, since only max-min guarantees a floor. The first pick is random; ties are broken in a
     seeded random order, so the set is a deterministic function of ``(n, min_hamming, seed)``.
     The identity is excluded, as in the authors' release. With ``min_hamming = 3`` a puzzle
-    with up to 2 foreign tiles still matches exactly one permutation (2018, Sec. 4).
+    with up to 2 foreign tiles still matches exactly one permutation (Jigsaw++, 2018).
 
     Raises :class:`PermutationError` when the search cannot place ``n`` permutations at
     pairwise distance >= ``min_hamming``. Returns (n, 9) int64.
@@ -159,7 +159,7 @@ def make_puzzles(
 ) -> dict[str, np.ndarray]:
     """Build one Jigsaw++ puzzle per image, vectorised over the batch.
 
-    ``images``: (B, S, S, 3) uint8 with S >= ``spec.crop``. Per puzzle (2016 Sec. 3.1, 2018 Sec. 4):
+    ``images``: (B, S, S, 3) uint8 with S >= ``spec.crop``. Per puzzle (2016 Sec. 3.1-3.3; Jigsaw++ 2018):
 
     1. a random ``crop``-px square, split into a 3x3 grid of ``crop // 3`` px cells;
     2. in each cell a ``tile``-px tile at a random offset (jitter: no edge continuity to exploit),

@@ -1,4 +1,4 @@
-"""The pretext stage: train the teacher on Jigsaw++ with Ray Train (Noroozi et al. 2018, Sec. 4).
+"""The pretext stage: train the teacher on Jigsaw++ with Ray Train (Noroozi et al. 2018).
 
     images (shards) ──► Ray Data: decode + puzzles (CPU) ──► TorchTrainer workers ──► teacher.pt
                         └─ held-out slice ─► fixed val puzzles (materialized once) ─┘

@@ -8,7 +8,7 @@ functions or ``functools.partial``), because it travels to the workers as their 
 - one worker per ``cfg.compute.num_workers`` (gloo on CPU; nccl and one GPU each on GPU);
 - batches streamed from ``ray.train.get_dataset_shard("train")`` (Ray Data builds them on CPU);
 - SGD with momentum, weight decay, and a x0.1 step every ``lr_step_epochs`` epochs (the paper's
-  solvers, Sec. 5 of the 2018 paper); bf16 autocast and ``channels_last`` on GPU only;
+  released Caffe solvers: lr 0.01, x0.1 steps, weight decay 5e-4); bf16 autocast and ``channels_last`` on GPU only;
 - every epoch: loss and accuracy on the training stream, loss and accuracy on the fixed ``val``
   dataset (every worker scores its shard, the sums are all-reduced), samples per second over all
   workers, and a checkpoint (model, optimizer, schedule, history) reported from rank 0;
