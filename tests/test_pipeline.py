@@ -8,8 +8,6 @@ that run root to check reruns, changed parameters and ``--force``.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +16,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from local_cluster import LocalCluster, free_ports
 
 from ktray import data, pipeline
 from ktray.config import load_config
@@ -38,12 +37,6 @@ FAST = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_http(url: str, timeout: float) -> None:
     import urllib.request
 
@@ -62,7 +55,7 @@ def _wait_http(url: str, timeout: float) -> None:
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real ``mlflow server`` with a SQLite backend on loopback."""
     d = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
+    port = free_ports(1)[0]
     log = open(d / "server.log", "w")  # noqa: SIM115 - the server writes to it until the fixture ends
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
@@ -84,32 +77,23 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real Ray cluster started by ``ray start --head`` in its own processes; yields the dashboard URL."""
-    tmp = Path("/tmp") / f"ktray-head-{os.getpid()}"  # short: Ray's socket paths have a length limit
-    port, dash = _free_port(), _free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    subprocess.run(
-        [ray_bin, "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         "--num-cpus=2", f"--temp-dir={tmp}", "--include-dashboard=true", "--disable-usage-stats"],
-        check=True, env=env, capture_output=True, timeout=180,
-    )
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A real Ray cluster started by ``ray start --head`` in its own processes (no token)."""
+    cluster = LocalCluster(tmp_path_factory.mktemp("head"), token=None)
     try:
-        _wait_http(f"http://127.0.0.1:{dash}/api/version", 120)
-        yield f"http://127.0.0.1:{dash}"
+        cluster.wait_ready()
+        yield cluster
     finally:
-        subprocess.run([ray_bin, "stop", "--force"], env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"},
-                       capture_output=True, timeout=120)
+        cluster.stop()
 
 
 @pytest.fixture(scope="module")
-def job_run(ray_head: str, mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def job_run(ray_head: LocalCluster, mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """The pipeline, submitted as a Ray job exactly as the README shows."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     root = str(tmp_path_factory.mktemp("job") / "runs")
-    client = JobSubmissionClient(ray_head)
+    client = JobSubmissionClient(ray_head.dashboard)
     job_id = client.submit_job(
         entrypoint=" ".join([
             "python", "jobs/pipeline.py", "--config", "tiny", f"root={root}", f"tracking.uri={mlflow_server}",
@@ -197,7 +181,7 @@ def test_force_recomputes_from_a_stage_on(job_run: dict[str, str], ray_session: 
 def test_unreachable_tracking_server_fails_before_work(tmp_path: Path) -> None:
     root = tmp_path / "runs"
     proc = subprocess.run(
-        [sys.executable, "-m", "ktray", "run", "tiny", f"root={root}", f"tracking.uri=http://127.0.0.1:{_free_port()}"],
+        [sys.executable, "-m", "ktray", "run", "tiny", f"root={root}", f"tracking.uri=http://127.0.0.1:{free_ports(1)[0]}"],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
