@@ -339,24 +339,24 @@ class EvaluateConfig(Section):
     hog_words: int = param(1000, "Visual words of the HOG bag-of-words baseline (k-means vocabulary).", ge=2)
     hog_image_size: int = param(224, "Side (px) of the images HOG is computed on.", ge=16)
     hog_vocab_images: int = param(2000, "Images sampled to learn the HOG vocabulary.", ge=1)
-
-    def check(self) -> None:
-        if not self.probe_c or any(c <= 0 for c in self.probe_c):
-            raise ConfigError(f"evaluate.probe_c: expected a non-empty list of numbers > 0, got {list(self.probe_c)}")
     compare_rows: tuple[CompareRow, ...] = param(
         ("random", "jigsaw", "cc_jigsaw", "cc_deep", "cc_hog", "supervised"),
         "Rows of `ktray compare` (the paper's baselines), in table order.",
     )
 
-
-@_section("tracking")
-class TrackingConfig(Section):
+    def check(self) -> None:
+        if not self.probe_c or any(c <= 0 for c in self.probe_c):
+            raise ConfigError(f"evaluate.probe_c: expected a non-empty list of numbers > 0, got {list(self.probe_c)}")
         if not self.taps or len(set(self.taps)) != len(self.taps):
             raise ConfigError(f"evaluate.taps: expected distinct taps, at least one, got {list(self.taps)}")
         if not self.compare_rows or len(set(self.compare_rows)) != len(self.compare_rows):
             raise ConfigError(
                 f"evaluate.compare_rows: expected distinct rows, at least one, got {list(self.compare_rows)}"
             )
+
+
+@_section("tracking")
+class TrackingConfig(Section):
     uri: str = param("", "MLflow tracking URI; empty: $MLFLOW_TRACKING_URI, else a store in the run root.")
     experiment: str = param("ktray", "MLflow experiment name.")
 
