@@ -369,7 +369,6 @@ class SweepConfig(Section):
         "linear_top1", "Objective: best linear-probe top-1 over the taps, or kNN top-1 on the best tap."
     )
     max_concurrent: int = param(1, "Trials run at once (each runs its own Ray Train jobs).", ge=1)
-    asha: bool = param(False, "Stop weak trials early (ASHA) on the transfer epochs' held-out accuracy.")
 
 
 @_section("")
