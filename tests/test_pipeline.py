@@ -8,6 +8,7 @@ that run root to check reruns, changed parameters and ``--force``.
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -95,7 +96,7 @@ def job_run(ray_head: LocalCluster, mlflow_server: str, tmp_path_factory: pytest
     root = str(tmp_path_factory.mktemp("job") / "runs")
     client = JobSubmissionClient(ray_head.dashboard)
     job_id = client.submit_job(
-        entrypoint=" ".join([
+        entrypoint=" ".join(shlex.quote(arg) for arg in [  # the entrypoint is a shell command line
             "python", "jobs/pipeline.py", "--config", "tiny", f"root={root}", f"tracking.uri={mlflow_server}",
             "tracking.experiment=pipeline-test", *FAST,
         ]),
