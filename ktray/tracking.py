@@ -188,7 +188,14 @@ class Tracker:
         for row in metrics.get("history", []):
             step = int(row.get("step", 0))
             batch += [Metric(k, float(v), now, step) for k, v in row.items() if k != "step" and _is_number(v)]
-        batch += [Metric(k, float(v), now, 0) for k, v in metrics.get("summary", {}).items() if _is_number(v)]
+        # A summary figure that is also in the history (the last epoch's loss) is already there
+        # at its step; logging it again at step 0 would count that epoch twice.
+        in_history = {k for row in metrics.get("history", []) for k in row}
+        batch += [
+            Metric(k, float(v), now, 0)
+            for k, v in metrics.get("summary", {}).items()
+            if _is_number(v) and k not in in_history
+        ]
         for i in range(0, len(batch), 1000):
             self.client.log_batch(run_id, metrics=batch[i : i + 1000])
 

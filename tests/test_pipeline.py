@@ -142,8 +142,8 @@ def test_mlflow_server_received_parent_and_nested_runs(job_run: dict[str, str]) 
         r.data.tags["ktray.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
     }
     assert set(children) == set(pipeline.STAGES)
-    pretext_loss = client.get_metric_history(children["pretext"].info.run_id, "train_loss")
-    assert sorted(m.step for m in pretext_loss) == [0, 1]  # one point per epoch, none twice
+    pretext_loss = client.get_metric_history(children["pretext"].info.run_id, "loss")
+    assert sorted(m.step for m in pretext_loss) == [1, 2]  # one point per epoch (steps are epochs), none twice
     assert children["cluster"].data.params["cluster.k"] == "10"
     assert "nmi" in children["cluster"].data.metrics
     artifacts = {a.path for a in client.list_artifacts(children["cluster"].info.run_id)}
