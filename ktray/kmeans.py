@@ -583,7 +583,10 @@ def start_shards(
     group = []
     for i, src in enumerate(sources):
         group.append(
-            cls.options(num_cpus=cpus_per_actor, num_gpus=1 if device == "cuda" else 0).remote(
+            # DEFAULT scheduling: outside any placement group the caller runs in (a Tune
+            # trial's), whose bundles hold no CPU for the actors.
+            cls.options(num_cpus=cpus_per_actor, num_gpus=1 if device == "cuda" else 0,
+                        scheduling_strategy="DEFAULT").remote(
                 src,
                 train_local[i],
                 device=device,

@@ -66,7 +66,9 @@ def run(cfg: Config) -> list[dict[str, Any]]:
 
     # A trial is a driver: it only waits while its Train workers use the CPUs and GPUs. On a
     # cluster from cluster.yaml, the head's `ktray_driver` resource keeps drivers off spot nodes.
-    resources = {"CPU": 0.01}  # Tune refuses an empty bundle; a token share keeps the cores for the workers
+    # Tune refuses an empty bundle, and any CPU share (even 0.01) leaves the Ray Data tasks
+    # that feed the workers short of a whole core: the sweep deadlocked. Reserve memory only.
+    resources = {"CPU": 0.0, "memory": float(64 * 2**20)}
     if ray.cluster_resources().get("ktray_driver"):
         resources["ktray_driver"] = 1.0
     trainable = tune.with_resources(run_trial, resources)
