@@ -152,13 +152,11 @@ def run(cfg: Config) -> StageDir:
     """Every row of ``evaluate.compare_rows``; the table in a ``compare-<hash>`` folder."""
     import json
 
-    import ray
-
     from ktray import evaluate
+    from ktray.pipeline import init_ray
     from ktray.rundir import read_bytes, stage_dir, write_bytes_atomic, write_manifest
 
-    if not ray.is_initialized():
-        ray.init()
+    init_ray()  # the job's cluster (RAY_ADDRESS) or a local one
     started = time.time()
     keys = list(cfg.evaluate.compare_rows)
     evaluated = {}

@@ -256,8 +256,9 @@ def run(cfg: Config, teacher: StageDir) -> StageDir:
     started = time.time()
     e = cfg.embed
     sd.make()
-    if not ray.is_initialized():
-        ray.init()
+    from ktray.pipeline import init_ray
+
+    init_ray()  # the job's cluster (RAY_ADDRESS) or a local one
     fs, feat_dir = filesystem(sd.path(FEATURES_DIR))
     # A killed earlier attempt may have left files; they would be read as extra rows.
     fs.create_dir(feat_dir, recursive=True)

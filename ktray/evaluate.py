@@ -626,7 +626,6 @@ def run(cfg: Config, trunk: str, labels: StageDir | None = None, name: str = "st
     ``trunk``: a weights file (``teacher.pt``, ``student.pt``) or ``random:<arch>[:<width>]``.
     ``labels`` (a cluster stage) adds the NMI of its pseudo-labels against the real labels.
     """
-    import ray
 
     from ktray.rundir import write_bytes_atomic, write_manifest
 
@@ -635,8 +634,9 @@ def run(cfg: Config, trunk: str, labels: StageDir | None = None, name: str = "st
         return sd
     started = time.time()
     sd.make()
-    if not ray.is_initialized():
-        ray.init()
+    from ktray.pipeline import init_ray
+
+    init_ray()  # the job's cluster (RAY_ADDRESS) or a local one
     path = eval_data_path(cfg)
     taps = tuple(cfg.evaluate.taps)
     print(f"evaluate: {name} ({trunk}) on {path}, taps {', '.join(taps)}", flush=True)

@@ -155,7 +155,6 @@ def run(cfg: Config) -> StageDir:
     The folder holds ``features/*.parquet`` (features schema) and ``vocabulary.npy``, so
     ``ktray.kmeans.run(cfg, features=<this>)`` clusters it like an embed output.
     """
-    import ray
 
     from ktray import rundir
     from ktray.data import data_key, data_path, read_images
@@ -168,8 +167,9 @@ def run(cfg: Config) -> StageDir:
         return sd
     started = time.time()
     sd.make()
-    if not ray.is_initialized():
-        ray.init()
+    from ktray.pipeline import init_ray
+
+    init_ray()  # the job's cluster (RAY_ADDRESS) or a local one
 
     ds = read_images(path, cfg.data.train_split, cfg.data.limit)
     n = ds.count()

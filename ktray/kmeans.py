@@ -699,8 +699,9 @@ def run(cfg: Config, features: StageDir, images: str | None = None) -> StageDir:
         return sd
     started = time.time()
     sd.make()
-    if not ray.is_initialized():
-        ray.init()
+    from ktray.pipeline import init_ray
+
+    init_ray()  # the job's cluster (RAY_ADDRESS) or a local one
 
     files = feature_files(features)
     fs0, p0 = filesystem(files[0][0])

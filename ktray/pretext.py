@@ -169,7 +169,6 @@ def jigsaw_batch(batch: dict[str, Tensor], device: torch.device) -> tuple[Tensor
 
 def run(cfg: Config) -> StageDir:
     """Train the Jigsaw++ teacher; return its stage folder (at once if already done)."""
-    import ray
     import torch.nn.functional as F
 
     from ktray import models, training
@@ -182,8 +181,9 @@ def run(cfg: Config) -> StageDir:
     sd.make()
     p = cfg.pretext
     perms = _permutations(cfg, sd)
-    if not ray.is_initialized():
-        ray.init()
+    from ktray.pipeline import init_ray
+
+    init_ray()  # the job's cluster (RAY_ADDRESS) or a local one
     build = partial(models.build_jigsaw, p.arch, p.width, len(perms), tile_dim=p.tile_dim, hidden=p.hidden)
     task = training.TrainTask(
         build_model=build,
