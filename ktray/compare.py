@@ -62,9 +62,11 @@ def supervised_labels(cfg: Config) -> StageDir:
         return sd
     sd.make()
     t = load_table(path, cfg.data.train_split, ["image_id", "label"])
-    t = t.filter(pc.is_valid(t["label"]))
     if cfg.data.limit:
         t = t.slice(0, cfg.data.limit)  # the same first rows read_images(limit=...) streams
+    if t["label"].null_count:
+        raise ValueError(f"the Supervised row needs real labels: {t['label'].null_count} images of split "
+                         f"{cfg.data.train_split!r} in {path} have none")
     k = len(class_names(path)) or int(pc.max(t["label"]).as_py()) + 1
     table = pa.table(
         {

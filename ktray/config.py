@@ -15,6 +15,7 @@ field (``cluster.k``) and what it accepts, before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -38,9 +39,10 @@ def param(
     gt: float | None = None,
     le: float | None = None,
     lt: float | None = None,
+    pattern: str | None = None,
 ) -> Any:
-    """Declare a config field with its docstring and numeric bounds."""
-    meta = {"doc": doc, "ge": ge, "gt": gt, "le": le, "lt": lt}
+    """Declare a config field with its docstring, numeric bounds and, for strings, a full-match regex."""
+    meta = {"doc": doc, "ge": ge, "gt": gt, "le": le, "lt": lt, "pattern": pattern}
     if isinstance(default, (list, dict)):
         raise TypeError("use tuples for sequence defaults: configs are frozen")
     return field(default=default, metadata=meta)
@@ -116,6 +118,19 @@ def _check_bounds(name: str, meta: dict[str, Any], value: Any) -> None:
                 raise ConfigError(f"{name}: must be {word} {bound}, got {v!r}")
 
 
+def _check_pattern(name: str, meta: dict[str, Any], value: Any) -> None:
+    pattern = meta.get("pattern")
+    if pattern is not None and isinstance(value, str) and not re.fullmatch(pattern, value):
+        raise ConfigError(f"{name}: must match {pattern} (letters, digits and {SAFE_PUNCT!r}), got {value!r}")
+
+
+# Names that end up in file names, shard filters, run names or job ids: no '/', no '..', nothing a
+# shell or a path could read as more than one word, so a config can never point outside the run root.
+SAFE_PUNCT = "_-.:=,"
+SAFE_NAME = r"(?!\.)[A-Za-z0-9_\-.:=,]{1,128}"
+SPLIT_NAME = r"[A-Za-z0-9_]{1,64}"  # the split part of a shard file name (data._SHARD_RE)
+
+
 class Section:
     """Base of every config section: validates its fields on construction."""
 
@@ -130,6 +145,7 @@ class Section:
                 continue
             coerced = _coerce(name, hints[f.name], value)
             _check_bounds(name, dict(f.metadata), coerced)
+            _check_pattern(name, dict(f.metadata), coerced)
             object.__setattr__(self, f.name, coerced)
         self.check()
 
@@ -186,8 +202,8 @@ CompareRow = Literal["random", "jigsaw", "cc_jigsaw", "cc_deep", "cc_hog", "supe
 @_section("data")
 class DataConfig(Section):
     path: str = param("", "Directory or URI of packed image shards; empty means the bundled sample.")
-    train_split: str = param("train", "Split used for training every stage.")
-    val_split: str = param("val", "Split used only for evaluation.")
+    train_split: str = param("train", "Split used for training every stage.", pattern=SPLIT_NAME)
+    val_split: str = param("val", "Split used only for evaluation.", pattern=SPLIT_NAME)
     limit: int = param(0, "Use at most this many images per split (0: all). For smoke tests.", ge=0)
     decode_batch_size: int = param(64, "Images decoded per Ray Data batch.", ge=1)
 
@@ -203,6 +219,12 @@ class ComputeConfig(Section):
         gt=0,
     )
     amp: bool = param(True, "Mixed precision (bf16 autocast) on GPU; ignored on CPU.")
+    max_failures: int = param(
+        3,
+        "Training worker failures (a killed process, a lost spot node) survived per training stage: the worker "
+        "group restarts from the last epoch checkpoint. -1: no limit; 0: fail at once.",
+        ge=-1,
+    )
 
 
 @_section("pretext")
@@ -274,7 +296,9 @@ class EmbedConfig(Section):
     batch_size: int = param(64, "Images per forward pass.", ge=1)
     num_actors: int = param(1, "Embedding actors (one GPU each on a GPU cluster).", ge=1)
     pca_sample: int = param(10000, "Images the PCA-whitening is fitted on (a seeded sample).", ge=2)
-    split: str = param("", "Split to embed (empty: data.train_split; 'all': every split).")
+    split: str = param(
+        "", "Split to embed (empty: data.train_split; 'all': every split).", pattern=r"[A-Za-z0-9_]{0,64}"
+    )
 
 
 @_section("cluster")
@@ -358,7 +382,7 @@ class EvaluateConfig(Section):
 @_section("tracking")
 class TrackingConfig(Section):
     uri: str = param("", "MLflow tracking URI; empty: $MLFLOW_TRACKING_URI, else a store in the run root.")
-    experiment: str = param("ktray", "MLflow experiment name.")
+    experiment: str = param("ktray", "MLflow experiment name.", pattern=SAFE_NAME)
 
 
 @_section("sweep")
@@ -373,7 +397,7 @@ class SweepConfig(Section):
 
 @_section("")
 class Config(Section):
-    name: str = param("ktray", "Name of the pipeline run (MLflow parent run, Ray job).")
+    name: str = param("ktray", "Name of the pipeline run (MLflow parent run, Ray job).", pattern=SAFE_NAME)
     root: str = param("runs", "Run directory: local path or URI (s3://, gs://) holding every stage output.")
     seed: int = param(0, "Global seed for data order, puzzles and initialisation.", ge=0)
     data: DataConfig = field(default_factory=DataConfig)

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
@@ -520,8 +521,22 @@ def load_table(path: str, split: str | None = None, columns: list[str] | None = 
     return pa.concat_tables(tables)
 
 
+def image_ids(path: str, split: str | None = None, limit: int = 0) -> pa.Array:
+    """The ids of exactly the rows ``read_images(path, split, limit)`` streams: the first ``limit`` in shard order."""
+    ids = load_table(path, split, ["image_id"])["image_id"]
+    return (ids.slice(0, limit) if limit else ids).combine_chunks()
+
+
+def _keep_ids(batch: pa.Table, ids: pa.Array) -> pa.Table:
+    return batch.filter(pc.is_in(batch["image_id"], value_set=ids))
+
+
 def read_images(path: str, split: str | None = None, limit: int = 0) -> ray.data.Dataset:
-    """The shards of ``split`` as a Ray dataset of (undecoded) image rows."""
+    """The shards of ``split`` as a Ray dataset of (undecoded) image rows.
+
+    ``limit`` keeps the first ``limit`` rows in shard order, the same rows :func:`image_ids`
+    names, on every run: ``Dataset.limit`` would keep whichever rows arrive first.
+    """
     import ray.data
 
     files = shard_files(path, split)
@@ -529,8 +544,20 @@ def read_images(path: str, split: str | None = None, limit: int = 0) -> ray.data
         raise FileNotFoundError(f"{path}: no shards for split {split!r}")
     fs, _ = filesystem(path)
     schema.check_images(pq.read_schema(filesystem(files[0])[1], filesystem=fs))
+    keep = None
+    if limit:
+        keep = image_ids(path, split, limit)
+        rows, needed = 0, []
+        for f in files:  # only the shards that hold the first `limit` rows are read at all
+            needed.append(f)
+            rows += pq.ParquetFile(filesystem(f)[1], filesystem=fs).metadata.num_rows
+            if rows >= limit:
+                break
+        files = needed
     ds = ray.data.read_parquet(files, filesystem=fs).select_columns(["image_id", "image", "label", "split"])
-    return ds.limit(limit) if limit else ds
+    if keep is not None:
+        ds = ds.map_batches(_keep_ids, batch_format="pyarrow", batch_size=None, fn_kwargs={"ids": keep})
+    return ds
 
 
 def iter_entries(path: str) -> Iterator[str]:

@@ -41,6 +41,10 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def join(uri: str, *parts: str) -> str:
+    """``uri/part/...``; a part that is absolute or climbs out (``..``) is refused, so no name can escape."""
+    for part in parts:
+        if part.startswith("/") or ".." in part.split("/") or "\\" in part:
+            raise ValueError(f"refusing path part {part!r} below {uri}: it would leave the folder")
     return "/".join([uri.rstrip("/"), *parts])
 
 

@@ -110,8 +110,15 @@ def check_labels(table: pa.Table, image_ids: pa.Array | pa.ChunkedArray | None =
     meta = read_metadata(table.schema)
     if "k" not in meta:
         raise SchemaError("labels table: schema metadata lacks 'k' (the number of clusters)")
-    k = int(meta["k"])
+    try:
+        k = int(meta["k"])
+    except (TypeError, ValueError):
+        raise SchemaError(f"labels table: metadata k={meta['k']!r} is not an integer") from None
+    if k < 1:
+        raise SchemaError(f"labels table: metadata k={k} (the number of clusters) must be at least 1")
     check_unique_ids("labels", table["image_id"])
+    if table["cluster"].null_count:
+        raise SchemaError(f"labels table: {table['cluster'].null_count} rows have no cluster id (null)")
     clusters = table["cluster"].to_numpy()
     if len(clusters) and (clusters.min() < 0 or clusters.max() >= k):
         bad = int(np.sum((clusters < 0) | (clusters >= k)))

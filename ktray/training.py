@@ -144,6 +144,8 @@ def _fit(
             name=name,
             storage_path=storage,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # A dead worker (SIGKILL, OOM, a reclaimed spot node) restarts the group from the last checkpoint.
+            failure_config=ray.train.FailureConfig(max_failures=compute.max_failures),
         ),
         datasets=datasets,
         # Split every dataset (train and val) across workers; val is scored by all-reduce.

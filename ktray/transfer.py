@@ -33,15 +33,18 @@ if TYPE_CHECKING:
     from ktray.rundir import StageDir
 
 
-def read_labels(labels: StageDir) -> tuple[pa.Table, int]:
-    """The cluster stage's ``labels.parquet`` (checked against the labels contract) and k."""
+def read_labels(labels: StageDir, image_ids: pa.Array | None = None) -> tuple[pa.Table, int]:
+    """The cluster stage's ``labels.parquet`` (checked against the labels contract) and k.
+
+    With ``image_ids``, the table must label exactly those images (see ``schema.check_labels``).
+    """
     import pyarrow.parquet as pq
 
     from ktray.rundir import filesystem
 
     fs, path = filesystem(labels.path("labels.parquet"))
     table = pq.read_table(path, filesystem=fs)
-    k = schema.check_labels(table)
+    k = schema.check_labels(table, image_ids)
     return table.select(["image_id", "cluster"]), k
 
 
@@ -250,17 +253,20 @@ def run(cfg: Config, labels: StageDir) -> StageDir:
     import torch.nn.functional as F
 
     from ktray import models, training
+    from ktray.data import data_path, image_ids
     from ktray.rundir import write_manifest
 
     sd = output_dir(cfg, labels)
     if sd.done():
         return sd
     started = time.time()
+    t = cfg.transfer
+    # The boundary check, before any folder or worker exists: one cluster for every image this
+    # stage reads, and none for an image it does not.
+    table, k = read_labels(labels, image_ids(data_path(cfg.data), cfg.data.train_split, cfg.data.limit))
     sd.make()
     if not ray.is_initialized():
         ray.init()
-    t = cfg.transfer
-    table, k = read_labels(labels)
     used = int((np.bincount(table["cluster"].to_numpy(), minlength=k) > 0).sum())
     print(f"transfer: {t.arch} x{t.width:g} student on {table.num_rows} images, {k} clusters "
           f"({used} non-empty), balanced={t.balanced}, holdout {t.holdout_fraction:.0%} -> {sd.uri}", flush=True)

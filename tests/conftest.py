@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from local_cluster import MlflowServer
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -54,3 +55,13 @@ def imagenette_zip() -> Path:
     if not SHARED_IMAGENETTE.exists():
         pytest.skip(f"full Imagenette not present at {SHARED_IMAGENETTE}")
     return SHARED_IMAGENETTE
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """A real ``mlflow server`` (SQLite) on loopback, for the tests of one module."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -179,3 +179,93 @@ class LocalCluster:
             self.proc.wait(timeout=10)
         assert not session_pids(sid), f"processes of the test cluster survived: {session_pids(sid)}"
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def wait_http(url: str, timeout: float) -> None:
+    """Wait until ``url`` answers 200."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as r:
+            if r.status == 200:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+class MlflowServer:
+    """A real ``mlflow server`` (SQLite backend, local artifacts) on a loopback port.
+
+    ``kill()`` takes it away at once (SIGKILL, as a crashed or preempted server); ``start()``
+    brings it back on the same port and the same store, as a restarted server would.
+    """
+
+    def __init__(self, workdir: Path):
+        self.dir = workdir
+        self.port = free_ports(1)[0]
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 120) -> MlflowServer:
+        log = open(self.dir / "server.log", "a")  # noqa: SIM115 - the child holds it; closed with our copy below
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.dir}/mlflow.db",
+             "--default-artifact-root", (self.dir / "artifacts").as_uri(), "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        log.close()
+        wait_http(self.uri + "/health", timeout)
+        return self
+
+    def _signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)  # the server and its worker processes
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(20)
+        self.proc = None
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def stop(self) -> None:
+        self._signal(signal.SIGTERM)
+
+
+def descendant_pids(root: int) -> list[int]:
+    """Every live process below ``root`` in the process tree (read from /proc)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(d.name))
+    out, todo = [], [root]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def ray_workers(root: int, title: str) -> list[int]:
+    """Pids of the Ray worker processes below ``root`` whose process title starts with ``ray::<title>``.
+
+    A Ray worker renames itself after the actor or task it runs (``ray::RayTrainWorker``), so
+    the title tells a training worker from a Ray Data actor; ``root`` (the driver that started
+    the local cluster, or a ``ray start`` head) keeps the search to one cluster.
+    """
+    pids = []
+    for pid in descendant_pids(root):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        if cmd.startswith(f"ray::{title}"):
+            pids.append(pid)
+    return pids

@@ -21,6 +21,8 @@ def _invalid_values(tp: Any, meta: dict[str, Any]) -> list[Any]:
         (item,) = typing.get_args(tp)[:1]
         return ["scalar-not-a-list", [_invalid_values(item, {})[0]]]
     bad: list[Any] = {int: ["seven", 1.5, True], float: ["fast", None], bool: ["yes", 1], str: [42, ["a"]]}[tp]
+    if meta.get("pattern"):
+        bad += ["../../outside", "/etc/passwd", "a b"]  # names that would leave the run root or split a word
     for key, delta in (("ge", -1), ("gt", 0), ("le", 1), ("lt", 0)):
         if meta.get(key) is not None:
             bad.append(meta[key] + delta if tp is int or key in ("ge", "le") else meta[key])

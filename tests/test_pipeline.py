@@ -17,64 +17,14 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from local_cluster import LocalCluster, free_ports
+from local_cluster import LocalCluster, MlflowServer, free_ports
+from workloads import FAST_PIPELINE
 
 from ktray import data, pipeline
 from ktray.config import load_config
 from ktray.rundir import read_events
 
 REPO = Path(__file__).resolve().parents[1]
-
-# The tiny preset, smaller still: the tests check mechanics, not accuracy.
-FAST = [
-    "data.limit=200",
-    "pretext.epochs=2",
-    "pretext.val_puzzles=64",
-    "cluster.k=10",
-    "cluster.niter=5",
-    "transfer.epochs=2",
-    "evaluate.taps=[conv3, conv5]",
-    "evaluate.fewshot_episodes=50",
-]
-
-
-def _wait_http(url: str, timeout: float) -> None:
-    import urllib.request
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout} s")
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real ``mlflow server`` with a SQLite backend on loopback."""
-    d = tmp_path_factory.mktemp("mlflow")
-    port = free_ports(1)[0]
-    log = open(d / "server.log", "w")  # noqa: SIM115 - the server writes to it until the fixture ends
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{d}/mlflow.db", "--default-artifact-root", (d / "artifacts").as_uri(),
-         "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        _wait_http(uri + "/health", 90)
-        yield uri
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +39,9 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]
 
 
 @pytest.fixture(scope="module")
-def job_run(ray_head: LocalCluster, mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def job_run(
+    ray_head: LocalCluster, mlflow_server: MlflowServer, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, str]:
     """The pipeline, submitted as a Ray job exactly as the README shows."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -97,8 +49,8 @@ def job_run(ray_head: LocalCluster, mlflow_server: str, tmp_path_factory: pytest
     client = JobSubmissionClient(ray_head.dashboard)
     job_id = client.submit_job(
         entrypoint=" ".join(shlex.quote(arg) for arg in [  # the entrypoint is a shell command line
-            "python", "jobs/pipeline.py", "--config", "tiny", f"root={root}", f"tracking.uri={mlflow_server}",
-            "tracking.experiment=pipeline-test", *FAST,
+            "python", "jobs/pipeline.py", "--config", "tiny", f"root={root}", f"tracking.uri={mlflow_server.uri}",
+            "tracking.experiment=pipeline-test", *FAST_PIPELINE,
         ]),
         runtime_env={"working_dir": str(REPO), "excludes": [".venv/", "runs/", ".git/", "*.egg-info/"]},
     )
@@ -109,11 +61,11 @@ def job_run(ray_head: LocalCluster, mlflow_server: str, tmp_path_factory: pytest
         status = client.get_job_status(job_id)
     logs = client.get_job_logs(job_id)
     assert status == JobStatus.SUCCEEDED, logs[-5000:]
-    return {"root": root, "logs": logs, "mlflow": mlflow_server}
+    return {"root": root, "logs": logs, "mlflow": mlflow_server.uri}
 
 
 def _cfg(root: str, *extra: str):
-    return load_config("tiny", [f"root={root}", *FAST, *extra])
+    return load_config("tiny", [f"root={root}", *FAST_PIPELINE, *extra])
 
 
 def test_job_runs_the_whole_pipeline(job_run: dict[str, str]) -> None:

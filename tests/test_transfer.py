@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from workloads import real_label_clusters
 
 from ktray import schema
 from ktray.transfer import attach_clusters, balanced_rates, is_holdout, join_clusters
@@ -103,7 +104,7 @@ def test_balanced_sampling_is_uniform_over_clusters() -> None:
 
 # Small enough for 2 CPU cores: a quarter-width AlexNet on 64 px crops of 400 images.
 FAST = [
-    "data.limit=0",
+    "data.limit=400",  # the images real_label_clusters labels: 4 classes x 100
     "compute.num_workers=1",
     "compute.cpus_per_worker=1",
     "transfer.width=0.25",
@@ -113,34 +114,6 @@ FAST = [
     "transfer.weight_decay=0.0005",
     "transfer.holdout_fraction=0.1",
 ]
-
-
-def real_label_clusters(run_root: str, sample_shards: str, classes: int = 4, per_class: int = 100):
-    """A cluster stage folder whose pseudo-labels are the real labels of 4 classes: learnable by design."""
-    from ktray.data import load_table
-    from ktray.rundir import stage_dir, write_bytes_atomic, write_manifest
-
-    t = load_table(sample_shards, "train", ["image_id", "label"])
-    keep = np.flatnonzero(t["label"].to_numpy() < classes)
-    keep = np.concatenate([keep[t["label"].to_numpy()[keep] == c][:per_class] for c in range(classes)])
-    sub = t.take(pa.array(keep))
-    table = pa.table(
-        {
-            "image_id": sub["image_id"],
-            "cluster": sub["label"].cast(pa.int32()),
-            "distance": pa.array(np.zeros(sub.num_rows, np.float32)),
-        },
-        schema=schema.with_metadata(schema.LABELS, k=classes, seed=0, features="real-labels"),
-    )
-    sd = stage_dir(run_root, "cluster", {"real": classes, "n": per_class})
-    sd.make()
-    import io
-
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    write_bytes_atomic(sd.path("labels.parquet"), buf.getvalue())
-    write_manifest(sd, config={}, files=["labels.parquet"])
-    return sd
 
 
 RUN_SCRIPT = """
