@@ -132,7 +132,7 @@ def save_pca(uri: str, pca: dict[str, np.ndarray]) -> None:
 
 
 def load_pca(uri: str) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(read_bytes(uri))) as z:
+    with np.load(io.BytesIO(read_bytes(uri)), allow_pickle=False) as z:  # arrays only, never objects
         return {k: z[k] for k in z.files}
 
 
@@ -208,6 +208,17 @@ def output_dir(cfg: Config, teacher: StageDir) -> StageDir:
     return stage_dir(cfg.root, "embed", params, [teacher, data_key(data_path(cfg.data))])
 
 
+def actor_cpus(requested: float, num_actors: int) -> float:
+    """CPUs per actor of a CPU actor pool: at most ``requested``, and never so many that the pool
+    takes every CPU of the cluster. The read and decode tasks that feed the actors need a core
+    too; without one, the stream waits for CPUs the actors hold and never moves (2 actors x 1 CPU
+    on 2 cores)."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 1.0)
+    return min(requested, max(total - 1.0, total / 2) / num_actors)
+
+
 def _embed_dataset(cfg: Config, ds: Any, weights: str, device: str, pca: str | None, l2: bool,
                    metadata: dict[str, Any] | None) -> Any:
     from ray.data import ActorPoolStrategy
@@ -220,18 +231,19 @@ def _embed_dataset(cfg: Config, ds: Any, weights: str, device: str, pca: str | N
         batch_size=cfg.data.decode_batch_size, batch_format="numpy",
     )
     gpu = device == "cuda"
+    cpus = 1 if gpu else actor_cpus(cfg.compute.cpus_per_worker, e.num_actors)
     return decoded.map_batches(
         Embedder,
         fn_constructor_args=(weights, e.tap, e.grid),
         fn_constructor_kwargs={
             "device": device, "amp": cfg.compute.amp and gpu, "pca": pca, "l2": l2,
-            "threads": cfg.compute.cpus_per_worker, "metadata": metadata,
+            "threads": cpus, "metadata": metadata,
         },
         batch_size=e.batch_size,
         batch_format="numpy",
         compute=ActorPoolStrategy(size=e.num_actors),  # fixed size: GPU pools do not autoscale well
         num_gpus=1 if gpu else 0,
-        num_cpus=1 if gpu else cfg.compute.cpus_per_worker,
+        num_cpus=cpus,
     )
 
 

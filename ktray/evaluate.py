@@ -372,12 +372,12 @@ class TapExtractor:
         seed: int = 0,
         device: str = "cpu",
         amp: bool = False,
-        threads: int = 0,
+        threads: float = 0,
     ) -> None:
         import torch
 
         if threads > 0 and device == "cpu":
-            torch.set_num_threads(int(threads))
+            torch.set_num_threads(max(1, round(threads)))  # a fractional CPU share still runs one thread
         self.trunk = load_any_trunk(trunk, width, seed).to(device)
         if device == "cuda":
             self.trunk = self.trunk.to(memory_format=torch.channels_last)
@@ -423,18 +423,17 @@ def extract_features(
     Ray Data as in embed: decode, then the trunk on a fixed-size actor pool with one GPU per
     actor where the cluster has GPUs (Ray Data fuses the decode into the actors on CPU).
     """
-    import ray
     from ray.data import ActorPoolStrategy
 
     from ktray.data import decode_batch, read_images
+    from ktray.embed import actor_cpus
     from ktray.kmeans import resolve_device
 
     e = cfg.evaluate
     taps = tuple(taps or e.taps)
     device = resolve_device(cfg.compute.device)
     gpu = device == "cuda"
-    # An actor that reserved every CPU would starve the read tasks feeding it: leave one free.
-    cpus = max(1, min(cfg.compute.cpus_per_worker, int(ray.cluster_resources().get("CPU", 1)) - 1))
+    cpus = 1 if gpu else actor_cpus(cfg.compute.cpus_per_worker, e.num_actors)
     ds = read_images(data_path, split, cfg.data.limit)
     decoded = ds.map_batches(
         decode_batch,
@@ -457,7 +456,7 @@ def extract_features(
         batch_format="numpy",
         compute=ActorPoolStrategy(size=e.num_actors),  # fixed size: GPU pools do not autoscale well
         num_gpus=1 if gpu else 0,
-        num_cpus=1 if gpu else cpus,
+        num_cpus=cpus,
     )
     ids: list[np.ndarray] = []
     labels: list[np.ndarray] = []

@@ -169,4 +169,10 @@ def read_events(root: str) -> list[dict[str, Any]]:
     path = Path(filesystem(root)[1]) / EVENTS
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    events = []
+    for line in path.read_text().splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:  # a line torn by a writer killed mid-append: not an event
+            continue
+    return events

@@ -8,7 +8,7 @@ manifest into the stage's MLflow run when the stage ends. So
   an epoch replayed after a worker restart cannot be counted twice (steps are unique);
 - a tracking server that goes away mid-run does not stop training: logging is retried at
   the end of the pipeline, and whatever could not be logged is named in a warning, while
-  the run directory still holds every figure (``ktray log`` replays it later);
+  the run directory still holds every figure (running the same command again logs it);
 - a reused stage (found done) gets a nested run too, tagged ``reused``, so every pipeline
   run shows the complete picture.
 
@@ -237,7 +237,7 @@ class Tracker:
         if self.pending:
             log.warning(
                 "MLflow at %s stayed unreachable; not logged: %s. Everything is in the run directory; "
-                "`ktray log CONFIG` replays it into MLflow later.",
+                "once the server is back, the same `ktray run` logs it (finished stages are reused, not recomputed).",
                 self.uri, ", ".join(what for what, _ in self.pending),
             )
 

@@ -1,193 +1,25 @@
-"""Image shards: packing messy folders, archives, interrupted packs; decoding; reading with Ray."""
+"""Image shards: flat folders, the bundled sample read with Ray, Imagenette (broken inputs: reliability/)."""
 
 from __future__ import annotations
 
-import io
-import os
-import signal
 import subprocess
 import sys
-import tarfile
-import time
-import zipfile
 from pathlib import Path
 
-import numpy as np
-import pyarrow.parquet as pq
 import pytest
-from PIL import Image
+from workloads import jpeg_bytes
 
-from ktray import data, schema
-
-
-def _jpeg(color: tuple[int, int, int], size: tuple[int, int] = (40, 30), mode: str = "RGB") -> bytes:
-    buf = io.BytesIO()
-    img = Image.new("RGB", size, color)
-    if mode == "L":
-        img = img.convert("L")
-    elif mode == "CMYK":
-        img = img.convert("CMYK")
-    img.save(buf, "JPEG", quality=95)
-    return buf.getvalue()
-
-
-def _png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return buf.getvalue()
-
-
-@pytest.fixture()
-def messy_folder(tmp_path: Path) -> Path:
-    """An ImageFolder with good images of every mode and every kind of broken file."""
-    src = tmp_path / "src"
-    files: dict[str, bytes] = {
-        "train/cat/rgb.jpg": _jpeg((200, 10, 10)),
-        "train/cat/grey.jpg": _jpeg((90, 90, 90), mode="L"),
-        "train/cat/cmyk.jpg": _jpeg((10, 200, 10), mode="CMYK"),
-        "train/dog/alpha.png": _png(Image.new("RGBA", (20, 20), (0, 0, 255, 0))),  # fully transparent
-        "train/dog/palette.png": _png(Image.new("RGB", (16, 16), (0, 0, 255)).convert("P")),
-        "train/dog/sixteen.png": _png(Image.fromarray(np.full((8, 8), 65535, np.uint16))),
-        "train/dog/tiny.png": _png(Image.new("RGB", (1, 1), (5, 6, 7))),
-        "val/cat/v1.jpg": _jpeg((10, 10, 200)),
-        "val/dog/v2.jpg": _jpeg((10, 200, 200)),
-        # broken: each must be skipped, counted and listed with a reason
-        "train/cat/truncated.jpg": _jpeg((1, 2, 3), size=(64, 64))[:300],
-        "train/cat/empty.jpg": b"",
-        "train/dog/notes.jpg": b"this is a text file, not an image\n",
-        "train/dog/README.txt": b"hello",
-    }
-    for rel, blob in files.items():
-        (src / rel).parent.mkdir(parents=True, exist_ok=True)
-        (src / rel).write_bytes(blob)
-    return src
-
-
-def test_pack_messy_folder_counts_report_and_pixels(messy_folder: Path, tmp_path: Path) -> None:
-    out = tmp_path / "shards"
-    report = data.pack(messy_folder, str(out), progress=False)
-    assert report["classes"] == ["cat", "dog"]
-    assert report["splits"]["train"]["images"] == 7
-    assert report["splits"]["val"]["images"] == 2
-    skipped = {s["path"]: s["reason"] for s in report["skipped"]}
-    assert set(skipped) == {"train/cat/truncated.jpg", "train/cat/empty.jpg", "train/dog/notes.jpg",
-                            "train/dog/README.txt"}
-    assert skipped["train/cat/empty.jpg"] == "empty file"
-    assert all(reason for reason in skipped.values())
-    assert (out / data.REPORT).exists()
-
-    table = data.load_table(str(out))
-    schema.check_images(table.schema)
-    rows = {r["image_id"]: r for r in table.to_pylist()}
-    # packing keeps the original bytes: conversion happens when decoded
-    assert rows["train/cat/cmyk.jpg"]["image"] == (messy_folder / "train/cat/cmyk.jpg").read_bytes()
-    assert rows["train/dog/alpha.png"]["label"] == 1 and rows["val/cat/v1.jpg"]["split"] == "val"
-
-    def pix(rel: str) -> np.ndarray:
-        arr = data.decode_image(rows[rel]["image"], 8)
-        assert arr is not None and arr.shape == (8, 8, 3) and arr.dtype == np.uint8
-        return arr.reshape(-1, 3).mean(0)
-
-    assert np.allclose(pix("train/cat/rgb.jpg"), (200, 10, 10), atol=6)
-    grey = pix("train/cat/grey.jpg")
-    assert np.allclose(grey, grey[0], atol=1) and abs(grey[0] - 90) < 6
-    assert np.allclose(pix("train/cat/cmyk.jpg"), (10, 200, 10), atol=12)
-    assert np.allclose(pix("train/dog/alpha.png"), (255, 255, 255))  # transparent -> white
-    assert np.allclose(pix("train/dog/palette.png"), (0, 0, 255))
-    assert np.allclose(pix("train/dog/sixteen.png"), (255, 255, 255))  # 16-bit scaled, not clipped garbage
-    assert np.allclose(pix("train/dog/tiny.png"), (5, 6, 7))
-
-    info = data.info(str(out))
-    assert info["splits"] == report["splits"] and len(info["skipped"]) == 4
-
-
-def test_repack_adds_nothing(messy_folder: Path, tmp_path: Path) -> None:
-    out = tmp_path / "shards"
-    data.pack(messy_folder, str(out), progress=False)
-    before = {f.name: f.stat().st_mtime_ns for f in out.glob("*.parquet")}
-    data.pack(messy_folder, str(out), progress=False)
-    after = {f.name: f.stat().st_mtime_ns for f in out.glob("*.parquet")}
-    assert before == after
-    assert sorted(data.iter_entries(str(out))) == sorted(set(data.iter_entries(str(out))))
-
-
-def test_decode_guards() -> None:
-    assert data.decode_image(b"", 8) is None
-    assert data.decode_image(b"GIF89a garbage", 8) is None
-    bomb = _png(Image.new("L", (10_000, 10_000)))
-    with pytest.raises(data.DecodeError, match="pixel limit"):
-        data.open_rgb(bomb)
-    assert data.decode_image(bomb, 8) is None
-    big = data.decode_image(_jpeg((50, 100, 150), size=(300, 200)), 64, mode="random", rng=np.random.default_rng(0))
-    assert big is not None and big.shape == (64, 64, 3)
-
-
-def test_decode_batch_drops_bad_rows() -> None:
-    batch = {
-        "image_id": np.array(["a", "b", "c"], dtype=object),
-        "image": np.array([_jpeg((1, 2, 3)), b"nope", _jpeg((3, 2, 1))], dtype=object),
-        "label": np.array([0, 1, None], dtype=object),
-    }
-    out = data.decode_batch(batch, 16)
-    assert list(out["image_id"]) == ["a", "c"]
-    assert out["pixels"].shape == (2, 16, 16, 3)
-    assert list(out["label"]) == [0, -1]
-
-
-def test_archives_and_unsafe_entries(messy_folder: Path, tmp_path: Path) -> None:
-    zpath = tmp_path / "set.zip"
-    with zipfile.ZipFile(zpath, "w") as z:
-        for f in sorted(messy_folder.rglob("*")):
-            if f.is_file():
-                z.write(f, f"myset/{f.relative_to(messy_folder).as_posix()}")
-        z.writestr("myset/../../evil.jpg", _jpeg((0, 0, 0)))
-    tpath = tmp_path / "set.tar.gz"
-    with tarfile.open(tpath, "w:gz") as t:
-        t.add(messy_folder, arcname="myset")
-    zrep = data.pack(zpath, str(tmp_path / "z"), progress=False)
-    trep = data.pack(tpath, str(tmp_path / "t"), progress=False)
-    assert zrep["splits"] == trep["splits"]
-    assert any(s["reason"].startswith("unsafe path") for s in zrep["skipped"])
-    assert not (tmp_path / "evil.jpg").exists() and not (tmp_path.parent / "evil.jpg").exists()
-    assert set(data.iter_entries(str(tmp_path / "z"))) == set(data.iter_entries(str(tmp_path / "t")))
+from ktray import data
 
 
 def test_flat_folder_is_unlabeled(tmp_path: Path) -> None:
     src = tmp_path / "flat"
     src.mkdir()
     for i in range(3):
-        (src / f"{i}.jpg").write_bytes(_jpeg((i * 40, 0, 0)))
+        (src / f"{i}.jpg").write_bytes(jpeg_bytes((i * 40, 0, 0)))
     rep = data.pack(src, str(tmp_path / "out"), progress=False)
     assert rep["classes"] == [] and rep["splits"]["train"]["images"] == 3
     assert data.load_table(str(tmp_path / "out"))["label"].null_count == 3
-
-
-def test_killed_pack_resumes_without_duplicates(sample_shards: str, tmp_path: Path) -> None:
-    """A pack killed with SIGKILL midway leaves only whole shards; a rerun finishes the job."""
-    src = tmp_path / "src"
-    table = data.load_table(sample_shards)
-    for image_id, blob in zip(table["image_id"].to_pylist(), table["image"].to_pylist()):
-        (src / image_id).parent.mkdir(parents=True, exist_ok=True)
-        (src / image_id).write_bytes(blob)
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "ktray", "data", "pack", str(src), str(out), "--shard-mb", "0.004", "--workers", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(out.glob("*.parquet"))) < 20:
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    written = len(list(out.glob("*.parquet")))
-    expected = set(table["image_id"].to_pylist())
-    assert written >= 20 and len(set(data.iter_entries(str(out)))) < len(expected), "kill landed too late"
-    for f in out.glob("*.parquet"):  # every visible shard is whole
-        pq.read_table(f)
-    with pytest.raises(ValueError, match="another --shard-mb"):
-        data.pack(src, str(out), progress=False)  # a different plan must not be mixed in
-    data.pack(src, str(out), shard_mb=0.004, progress=False, workers=1)
-    ids = list(data.iter_entries(str(out)))
-    assert len(ids) == len(set(ids)) == len(expected) and set(ids) == expected
-    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
 
 
 def test_sample_is_bundled_and_readable_with_ray(ray_session: None, sample_shards: str) -> None:

@@ -6,21 +6,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from workloads import random_teacher
 
 from ktray import embed, schema
 from ktray.config import Config, replace
-from ktray.models import build_trunk, save_weights, tap_shapes
-from ktray.rundir import StageDir, stage_dir, write_manifest
-
-
-def random_teacher(root: str, arch: str = "alexnet", width: float = 0.25, seed: int = 0) -> StageDir:
-    """A pretext-stage folder holding a randomly initialised trunk (the paper's 'random' floor)."""
-    torch.manual_seed(seed)
-    sd = stage_dir(root, "pretext", {"random": arch, "width": width, "seed": seed})
-    sd.make()
-    save_weights(build_trunk(arch, width), sd.path("teacher.pt"))
-    write_manifest(sd, config={})
-    return sd
+from ktray.models import build_trunk, tap_shapes
+from ktray.rundir import StageDir
 
 
 def test_standardise_gives_each_image_zero_mean_unit_variance() -> None:

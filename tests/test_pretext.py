@@ -13,43 +13,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from workloads import pretext_overrides
 
 from ktray import pretext
 from ktray.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _overrides(root: str) -> list[str]:
-    # Small enough for about a minute on 2 cores: 10 permutations, 16 px tiles that fill their cells,
-    # no foreign tiles or colour tricks (the unit tests cover those), so ~100 steps show learning.
-    return [
-        f"root={root}",
-        "compute.device=cpu",
-        "compute.num_workers=2",
-        "compute.cpus_per_worker=0.5",
-        "data.limit=240",
-        "data.decode_batch_size=32",
-        "pretext.arch=resnet18",
-        "pretext.width=0.25",
-        "pretext.num_permutations=10",
-        "pretext.image_size=64",
-        "pretext.crop=48",
-        "pretext.tile=16",
-        "pretext.channel_shift=0",
-        "pretext.max_foreign=0",
-        "pretext.grey_prob=0",
-        "pretext.color_jitter=0",
-        "pretext.epochs=5",
-        "pretext.lr_step_epochs=10",
-        "pretext.batch_size=32",
-        "pretext.lr=0.02",
-        "pretext.tile_dim=32",
-        "pretext.hidden=64",
-        "pretext.val_fraction=0.15",
-        "pretext.val_puzzles=64",
-        "pretext.puzzles_per_image=4",
-    ]
 
 
 def test_heldout_slice_is_stable_disjoint_and_sized() -> None:
@@ -67,7 +36,7 @@ def test_heldout_slice_is_stable_disjoint_and_sized() -> None:
 def test_val_puzzles_are_fixed_and_train_puzzles_fresh(ray_session: None, sample_shards: str, run_root: str) -> None:
     from ktray.jigsaw import generate_permutations
 
-    cfg = load_config(None, [*_overrides(run_root), "data.limit=120", "pretext.val_puzzles=50"])
+    cfg = load_config(None, [*pretext_overrides(run_root), "data.limit=120", "pretext.val_puzzles=50"])
     perms = generate_permutations(10, 3)
     ds = pretext.build_datasets(cfg, perms, num_workers=2)
     val_a = ds["val"].take_batch(1000)
@@ -104,7 +73,7 @@ def test_two_workers_learn_checkpoint_and_resume_after_sigkill(ray_session: None
 
     from ktray.models import build_jigsaw, load_trunk
 
-    overrides = _overrides(run_root)
+    overrides = pretext_overrides(run_root)
     cfg = load_config(None, overrides)
     sd = pretext.output_dir(cfg)
     stage_path = Path(sd.uri)

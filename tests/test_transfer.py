@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from workloads import real_label_clusters
+from workloads import TRANSFER_FAST, real_label_clusters
 
 from ktray import schema
 from ktray.transfer import attach_clusters, balanced_rates, is_holdout, join_clusters
@@ -102,18 +102,6 @@ def test_balanced_sampling_is_uniform_over_clusters() -> None:
 
 # ----------------------------------------------------------------------------- the stage (Ray Train)
 
-# Small enough for 2 CPU cores: a quarter-width AlexNet on 64 px crops of 400 images.
-FAST = [
-    "data.limit=400",  # the images real_label_clusters labels: 4 classes x 100
-    "compute.num_workers=1",
-    "compute.cpus_per_worker=1",
-    "transfer.width=0.25",
-    "transfer.image_size=64",
-    "transfer.batch_size=32",
-    "transfer.lr=0.005",
-    "transfer.weight_decay=0.0005",
-    "transfer.holdout_fraction=0.1",
-]
 
 
 RUN_SCRIPT = """
@@ -142,7 +130,7 @@ def test_transfer_learns_and_resumes_after_being_killed(
 
     labels = real_label_clusters(run_root, sample_shards)
     epochs = 5
-    overrides = [f"root={run_root}", *FAST, f"transfer.epochs={epochs}"]
+    overrides = [f"root={run_root}", *TRANSFER_FAST, f"transfer.epochs={epochs}"]
     cfg = load_config(None, overrides)
     sd = transfer.output_dir(cfg, labels)
 

@@ -7,6 +7,7 @@ import io
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 
 from ktray import schema
 from ktray.data import load_table
@@ -23,6 +24,65 @@ FAST_PIPELINE = [
     "evaluate.taps=[conv3, conv5]",
     "evaluate.fewshot_episodes=50",
 ]
+
+# Small enough for 2 CPU cores: a quarter-width AlexNet on 64 px crops of 400 images.
+TRANSFER_FAST = [
+    "data.limit=400",  # the images real_label_clusters labels: 4 classes x 100
+    "compute.num_workers=1",
+    "compute.cpus_per_worker=1",
+    "transfer.width=0.25",
+    "transfer.image_size=64",
+    "transfer.batch_size=32",
+    "transfer.lr=0.005",
+    "transfer.weight_decay=0.0005",
+    "transfer.holdout_fraction=0.1",
+]
+
+
+def pretext_overrides(root: str) -> list[str]:
+    """The pretext stage in about a minute on 2 cores: 10 permutations, 16 px tiles that fill their cells,
+    no foreign tiles or colour tricks (the unit tests cover those), so ~100 steps show learning."""
+    return [
+        f"root={root}",
+        "compute.device=cpu",
+        "compute.num_workers=2",
+        "compute.cpus_per_worker=0.5",
+        "data.limit=240",
+        "data.decode_batch_size=32",
+        "pretext.arch=resnet18",
+        "pretext.width=0.25",
+        "pretext.num_permutations=10",
+        "pretext.image_size=64",
+        "pretext.crop=48",
+        "pretext.tile=16",
+        "pretext.channel_shift=0",
+        "pretext.max_foreign=0",
+        "pretext.grey_prob=0",
+        "pretext.color_jitter=0",
+        "pretext.epochs=5",
+        "pretext.lr_step_epochs=10",
+        "pretext.batch_size=32",
+        "pretext.lr=0.02",
+        "pretext.tile_dim=32",
+        "pretext.hidden=64",
+        "pretext.val_fraction=0.15",
+        "pretext.val_puzzles=64",
+        "pretext.puzzles_per_image=4",
+    ]
+
+
+def random_teacher(root: str, arch: str = "alexnet", width: float = 0.25, seed: int = 0) -> StageDir:
+    """A pretext-stage folder holding a randomly initialised trunk (the paper's 'random' floor)."""
+    import torch
+
+    from ktray.models import build_trunk, save_weights
+
+    torch.manual_seed(seed)
+    sd = stage_dir(root, "pretext", {"random": arch, "width": width, "seed": seed})
+    sd.make()
+    save_weights(build_trunk(arch, width), sd.path("teacher.pt"))
+    write_manifest(sd, config={})
+    return sd
 
 
 def real_label_clusters(run_root: str, sample_shards: str, classes: int = 4, per_class: int = 100) -> StageDir:
@@ -49,3 +109,20 @@ def real_label_clusters(run_root: str, sample_shards: str, classes: int = 4, per
     write_bytes_atomic(sd.path("labels.parquet"), buf.getvalue())
     write_manifest(sd, config={}, files=["labels.parquet"])
     return sd
+
+
+def jpeg_bytes(color: tuple[int, int, int], size: tuple[int, int] = (40, 30), mode: str = "RGB") -> bytes:
+    buf = io.BytesIO()
+    img = Image.new("RGB", size, color)
+    if mode == "L":
+        img = img.convert("L")
+    elif mode == "CMYK":
+        img = img.convert("CMYK")
+    img.save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
