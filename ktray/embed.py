@@ -315,6 +315,8 @@ def run(cfg: Config, teacher: StageDir) -> StageDir:
         got = schema.feature_dim(pq.read_schema(written[0], filesystem=fs))
         if got != dim:
             raise RuntimeError(f"embed: wrote {got}-dim features, expected {dim}")
+    # A retried write task must not leave a second copy of its rows behind (the contract: one row per image).
+    schema.check_unique_ids("features", pq.read_table(feat_dir, filesystem=fs, columns=["image_id"])["image_id"])
     if n_out != n_in:
         # decode_batch drops undecodable images (logged); packing already refuses them, so
         # this is rare, but a dropped row must not go unnoticed.

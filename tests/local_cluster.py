@@ -212,9 +212,15 @@ class MlflowServer:
              "--backend-store-uri", f"sqlite:///{self.dir}/mlflow.db",
              "--default-artifact-root", (self.dir / "artifacts").as_uri(), "--workers", "1"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            # No background job runner (seven worker processes, ~2 GB): the tests log runs, they run no jobs.
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         )
         log.close()
-        wait_http(self.uri + "/health", timeout)
+        try:
+            wait_http(self.uri + "/health", timeout)
+        except TimeoutError:
+            self.kill()  # never leave a server behind that no fixture will stop
+            raise
         return self
 
     def _signal(self, sig: int) -> None:

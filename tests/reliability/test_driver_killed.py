@@ -28,7 +28,7 @@ from ktray.data import image_ids, sample_path
 from ktray.pipeline import STAGES
 from ktray.rundir import read_events
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]  # minutes on CI; more on a loaded machine
 SEED = int(os.environ.get("KTRAY_FAULT_SEED", "20261122"))
 
 

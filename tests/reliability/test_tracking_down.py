@@ -20,7 +20,7 @@ from ktray.pipeline import STAGES
 from ktray.rundir import StageDir
 from ktray.tracking import Tracker
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]  # minutes on CI; more on a loaded machine
 
 
 def _stage_dirs(root: Path) -> list[StageDir]:

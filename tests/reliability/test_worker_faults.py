@@ -27,7 +27,7 @@ from ktray.config import Config, load_config, replace
 from ktray.data import image_ids
 from ktray.rundir import StageDir
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]  # minutes on CI; more on a loaded machine
 EPOCHS = 4
 
 
@@ -70,8 +70,8 @@ def test_training_worker_killed_mid_epoch(
     history, summary = metrics["history"], metrics["summary"]
     assert [h["step"] for h in history] == list(range(1, EPOCHS + 1)), "an epoch is missing or counted twice"
     assert summary["resumed_from_epoch"] >= 1, "the worker group did not restart from a checkpoint"
-    # Within noise of the undisturbed run: the same schedule, a different data order after the restart.
-    assert history[-1]["loss"] < history[0]["loss"]
+    # Within noise of the undisturbed run: the same schedule, a different data order after the restart
+    # (that training learns at all is test_pretext's and test_transfer's business).
     assert abs(history[-1]["loss"] - clean["history"][-1]["loss"]) < 0.25 * clean["history"][-1]["loss"]
     assert abs(history[-1]["val_acc"] - clean["history"][-1]["val_acc"]) < 0.25
 
