@@ -492,8 +492,10 @@ def eval_data_path(cfg: Config) -> str:
 
 def stage_config(cfg: Config, name: str) -> dict[str, Any]:
     """What the evaluation depends on (the folder hash); compute settings are left out."""
+    # compare_rows picks which rows `ktray compare` shows; it changes no evaluation.
+    e = {k: v for k, v in cfg.evaluate.to_dict().items() if k != "compare_rows"}
     return {
-        "evaluate": cfg.evaluate.to_dict(),
+        "evaluate": e,
         "train_split": cfg.data.train_split,
         "val_split": cfg.data.val_split,
         "limit": cfg.data.limit,

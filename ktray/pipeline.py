@@ -145,10 +145,14 @@ def run_stages(
     features = step("embed", teacher)
     if until == "embed":
         return out
-    labels = step("cluster", features, images=data_path(cfg.data))
+    distill = cfg.transfer.method == "distill"
+    labels = None
+    if until == "cluster" or not distill:
+        labels = step("cluster", features, images=data_path(cfg.data))
     if until == "cluster":
         return out
-    student = step("transfer", labels)
+    # Cluster classification learns from the clusters; distillation from the teacher's embeddings.
+    student = step("transfer", features if distill else labels)
     if until == "transfer":
         return out
     step("evaluate", student.path("student.pt"), labels=labels, name="student")
