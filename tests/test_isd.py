@@ -245,7 +245,9 @@ def test_isd_two_workers_learn_checkpoint_and_resume_after_sigkill(ray_session: 
         log.close()
     assert proc.returncode == -signal.SIGKILL
     assert not sd.done(), "the run finished before it could be killed; the test would prove nothing"
-    ckpts = {int(p.name.rsplit("_", 1)[1]): p for p in stage_path.glob("checkpoint_epoch_*") if (p / "meta.json").exists()}
+    ckpts = {
+        int(p.name.rsplit("_", 1)[1]): p for p in stage_path.glob("checkpoint_epoch_*") if (p / "meta.json").exists()
+    }
     assert ckpts, "no checkpoint survived"
     # The checkpoint holds the EMA teacher, the queue and its pointer: a resumed run continues exactly.
     state = torch.load(max(ckpts.items())[1] / "state.pt", weights_only=True)["model"]
@@ -271,3 +273,42 @@ def test_isd_two_workers_learn_checkpoint_and_resume_after_sigkill(ray_session: 
     trunk = load_trunk(sd.path(pretext.TEACHER))
     assert trunk.arch == "resnet18" and trunk.width == 0.125
     assert load_trunk(sd.path(pretext.EMA_TEACHER)).arch == "resnet18"
+
+
+@pytest.mark.slow
+def test_distill_student_trains_on_cached_teacher_embeddings(
+    ray_session: None, sample_shards: str, run_root: str
+) -> None:
+    """transfer.method=distill on 2 workers, teacher embeddings read from an embed-style Parquet folder."""
+    import pyarrow.parquet as pq
+
+    from ktray import transfer
+    from ktray.data import load_table
+    from ktray.embed import features_table
+    from ktray.models import load_trunk
+    from ktray.rundir import StageDir
+
+    cfg = load_config(None, [
+        f"root={run_root}", "compute.device=cpu", "compute.num_workers=2", "compute.cpus_per_worker=0.5",
+        "data.limit=96", "data.decode_batch_size=32", "transfer.method=distill", "transfer.arch=alexnet",
+        "transfer.width=0.125", "transfer.image_size=64", "transfer.epochs=2", "transfer.batch_size=32",
+        "transfer.lr=0.02", "transfer.distill_queue=64", "transfer.distill_hidden=32",
+    ])
+    # A stand-in for the embed stage's output: 16-dim "teacher" embeddings keyed by image_id.
+    ids = load_table(sample_shards, "train", ["image_id"])["image_id"].to_pylist()[:96]
+    features = StageDir("embed", "fake", f"{run_root}/embed-fake")
+    Path(features.path("features")).mkdir(parents=True)
+    x = np.random.default_rng(0).normal(size=(len(ids), 16)).astype(np.float32)
+    pq.write_table(features_table(ids, x), features.path("features", "part-0.parquet"))
+
+    sd = transfer.run(cfg, features)
+    assert sd.done() and sd == transfer.output_dir(cfg, features)
+    m = sd.manifest()["metrics"]
+    assert [h["step"] for h in m["history"]] == [1, 2] and m["summary"]["teacher_dim"] == 16
+    assert load_trunk(sd.path(transfer.STUDENT)).arch == "alexnet"
+    state = torch.load(max(Path(sd.uri).glob("checkpoint_epoch_*")) / "state.pt", weights_only=True)["model"]
+    # 2 epochs x 3 steps (48 images per worker, 16 per step); each step enqueues both workers' 32 embeddings.
+    assert int(state["ptr"]) == (2 * 3 * 32) % 64
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    nearest = (state["queue"].numpy() @ unit.T).max(axis=1)  # (64,) best cosine to a teacher embedding
+    assert nearest.min() > 0.9999  # the queue holds teacher embeddings only (the random init is gone)
