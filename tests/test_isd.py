@@ -153,6 +153,28 @@ def test_long_tail_subset_is_geometric_deterministic_and_by_label() -> None:
     assert not long_tail_mask(with_unlabeled, 10.0, 3)[-2:].any()
 
 
+def test_long_tail_cuts_only_the_train_split(sample_shards: str) -> None:
+    import pyarrow as pa
+
+    from ktray.config import DataConfig
+    from ktray.data import _keep_rows, data_identity, load_table, long_tail_ids
+
+    cfg = DataConfig(long_tail=5.0, long_tail_seed=1)
+    keep = long_tail_ids(cfg)
+    train = load_table(sample_shards, "train", ["image_id", "label", "split"])
+    assert keep is not None and 0 < len(keep) < train.num_rows
+    counts = np.bincount(train.filter(pa.compute.is_in(train["image_id"], value_set=keep))["label"].to_numpy())
+    assert counts.max() / counts.min() == pytest.approx(5.0, rel=0.15)
+    both = pa.concat_tables([train, load_table(sample_shards, "val", ["image_id", "label", "split"])])
+    cut = _keep_rows(both, keep, "train")
+    assert cut.num_rows == len(keep) + (both.num_rows - train.num_rows)  # every val row stays
+    assert long_tail_ids(DataConfig()) is None
+    assert data_identity(cfg) != data_identity(DataConfig())
+    assert data_identity(cfg) != data_identity(DataConfig(long_tail=5.0, long_tail_seed=2))
+    assert data_identity(DataConfig(long_tail_seed=1)) == data_identity(DataConfig())  # off: the seed is moot
+    assert data_identity(DataConfig(long_tail=1.0)) == data_identity(DataConfig())  # 1 means off
+
+
 def test_stage_folders_separate_methods_and_data_but_keep_old_names(sample_shards: str, run_root: str) -> None:
     from ktray import embed, pretext, transfer
     from ktray.rundir import StageDir
