@@ -37,11 +37,16 @@ class Stage:
     params: Callable[[Config], dict[str, Any]]
 
 
+def _pretext_params(c: Config) -> dict[str, Any]:
+    isd = {"isd": c.isd.to_dict()} if c.pretext.method == "isd" else {}
+    return {"pretext": c.pretext.to_dict(), **isd}
+
+
 def _registry() -> dict[str, Stage]:
     from ktray import embed, evaluate, kmeans, pretext, transfer
 
     return {
-        "pretext": Stage("pretext", pretext.output_dir, pretext.run, lambda c: {"pretext": c.pretext.to_dict()}),
+        "pretext": Stage("pretext", pretext.output_dir, pretext.run, _pretext_params),
         "embed": Stage("embed", embed.output_dir, embed.run, lambda c: {"embed": c.embed.to_dict()}),
         "cluster": Stage("cluster", kmeans.output_dir, kmeans.run, lambda c: {"cluster": c.cluster.to_dict()}),
         "transfer": Stage("transfer", transfer.output_dir, transfer.run, lambda c: {"transfer": c.transfer.to_dict()}),
