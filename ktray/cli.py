@@ -206,16 +206,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_data_fetch)
 
     stage_docs = {
-        "pretext": "Train the teacher on Jigsaw++ with Ray Train. Reads the image shards (data.path);\n"
-        "writes <root>/pretext-<hash>/: permutations.npy, teacher.pt, per-epoch checkpoints.",
+        "pretext": "Train the teacher on Jigsaw++ (or ISD: pretext.method=isd) with Ray Train. Reads the\n"
+        "image shards (data.path); writes <root>/pretext-<hash>/: teacher.pt, per-epoch checkpoints\n"
+        "(and permutations.npy for Jigsaw++, ema_teacher.pt for ISD).",
         "embed": "Run every image through the teacher's trunk on a Ray Data actor pool, max-pool the\n"
         "tap (embed.tap, default conv4) to a grid, optionally PCA-whiten and L2-normalise.\n"
         "Reads the shards and the teacher; writes <root>/embed-<hash>/features/*.parquet.",
         "cluster": "k-means over the features on a group of faiss actors. Reads the features; writes\n"
         "<root>/cluster-<hash>/: labels.parquet (image_id, cluster, distance), centroids.npy,\n"
         "gallery.png, objective.png, sizes.png, and NMI/ARI against real labels if known.",
-        "transfer": "Train the student from scratch to classify the pseudo-labels (Ray Train).\n"
-        "Reads the shards and the labels; writes <root>/transfer-<hash>/student.pt.",
+        "transfer": "Train the student from scratch to classify the pseudo-labels (Ray Train), or with\n"
+        "transfer.method=distill to match the teacher's similarities over a queue of its embed features.\n"
+        "Reads the shards and the labels (or features); writes <root>/transfer-<hash>/student.pt.",
         "evaluate": "Freeze a trunk and measure it: linear probes per tap, kNN, few-shot, NMI.\n"
         "Reads the shards and the trunk (--trunk, default: the pipeline's student);\n"
         "writes <root>/evaluate-<hash>/results.{json,csv,md}.",

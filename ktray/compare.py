@@ -7,7 +7,11 @@ Rows (Noroozi et al. 2018, Tables 2-5), all for the same student architecture:
 - ``CC+Jigsaw++``: that teacher (the student's architecture), clustered, transferred;
 - ``CC+deep-Jigsaw++``: the configured (deeper) teacher, clustered, transferred: the headline row;
 - ``CC+HOG``: clusters of HOG bag-of-words features (no learning at all), transferred;
-- ``Supervised``: the student trained on the real labels, the ceiling.
+- ``Supervised``: the student trained on the real labels, the ceiling;
+- ``ISD (student)``: ISD (Tejankar et al. 2020) trained directly on the student's architecture;
+- ``CC+ISD (deep teacher)``: an ISD teacher of the configured (deeper) architecture, clustered, transferred;
+- ``Distill+deep-Jigsaw++``: the deep Jigsaw++ teacher, transferred by similarity distillation
+  (the student matches its similarities over a queue of its embed features) instead of clusters.
 
 Every row is a chain of ordinary stages in the run directory, so rows share what they can
 (``CC+Jigsaw++`` reuses the teacher of ``Jigsaw++ (student)``) and a rerun recomputes
@@ -34,6 +38,9 @@ ROWS = {
     "cc_deep": "CC+deep-Jigsaw++",
     "cc_hog": "CC+HOG",
     "supervised": "Supervised",
+    "isd": "ISD (student)",
+    "cc_isd": "CC+ISD (deep teacher)",
+    "distill_deep": "Distill+deep-Jigsaw++",
 }
 TABLE = "compare"  # compare.md, compare.csv, compare.png
 
@@ -52,18 +59,21 @@ def supervised_labels(cfg: Config) -> StageDir:
     import pyarrow.parquet as pq
 
     from ktray import schema
-    from ktray.data import class_names, data_key, data_path, load_table
+    from ktray.data import class_names, data_identity, data_path, load_table, long_tail_ids
     from ktray.rundir import stage_dir, write_bytes_atomic, write_manifest
 
     path = data_path(cfg.data)
     params = {"split": cfg.data.train_split, "limit": cfg.data.limit}
-    sd = stage_dir(cfg.root, "reallabels", params, [data_key(path)])
+    sd = stage_dir(cfg.root, "reallabels", params, [data_identity(cfg.data)])
     if sd.done():
         return sd
     sd.make()
     t = load_table(path, cfg.data.train_split, ["image_id", "label"])
     if cfg.data.limit:
         t = t.slice(0, cfg.data.limit)  # the same first rows read_images(limit=...) streams
+    keep = long_tail_ids(cfg.data)
+    if keep is not None:  # the long-tailed subset the other rows train on
+        t = t.filter(pc.is_in(t["image_id"], value_set=keep))
     if t["label"].null_count:
         raise ValueError(f"the Supervised row needs real labels: {t['label'].null_count} images of split "
                          f"{cfg.data.train_split!r} in {path} have none")
@@ -80,7 +90,7 @@ def supervised_labels(cfg: Config) -> StageDir:
     buf = io.BytesIO()
     pq.write_table(table, buf)
     write_bytes_atomic(sd.path("labels.parquet"), buf.getvalue())
-    write_manifest(sd, config=params, inputs=[data_key(path)], files=["labels.parquet"],
+    write_manifest(sd, config=params, inputs=[data_identity(cfg.data)], files=["labels.parquet"],
                    metrics={"summary": {"k": float(k), "images": float(t.num_rows)}, "history": []})
     return sd
 
@@ -102,8 +112,22 @@ def _cluster(cfg: Config, features: StageDir) -> StageDir:
 def row(cfg: Config, key: str) -> StageDir:
     """Compute (or find done) the evaluate stage of one row."""
     from ktray import embed, evaluate, hog, pretext
+    from ktray.config import replace
 
+    # Each row names its own methods: a config that says isd or distill does not change the others.
+    jig = replace(cfg, ["pretext.method=jigsaw", "transfer.method=cluster"])
+    isd = replace(jig, ["pretext.method=isd"])
     t = cfg.transfer
+    if key == "isd":
+        small = student_teacher(isd)
+        return evaluate.run(cfg, pretext.run(small).path(pretext.TEACHER), name=ROWS[key])
+    if key == "cc_isd":
+        return _transfer_and_evaluate(isd, _cluster(isd, embed.run(isd, pretext.run(isd))), ROWS[key])
+    if key == "distill_deep":
+        distill = replace(jig, ["transfer.method=distill"])
+        features = embed.run(jig, pretext.run(jig))
+        return _transfer_and_evaluate(distill, features, ROWS[key], nmi=False)
+    cfg = jig
     if key == "random":
         return evaluate.run(cfg, f"{evaluate.RANDOM_PREFIX}{t.arch}:{t.width:g}", name=ROWS[key])
     if key in ("jigsaw", "cc_jigsaw"):

@@ -196,7 +196,9 @@ def _section(prefix: str):
 Arch = Literal["alexnet", "vgg16", "resnet18", "resnet50"]
 Device = Literal["auto", "cpu", "cuda"]
 Tap = Literal["conv1", "conv2", "conv3", "conv4", "conv5"]
-CompareRow = Literal["random", "jigsaw", "cc_jigsaw", "cc_deep", "cc_hog", "supervised"]
+CompareRow = Literal[
+    "random", "jigsaw", "cc_jigsaw", "cc_deep", "cc_hog", "supervised", "isd", "cc_isd", "distill_deep"
+]
 
 
 @_section("data")
@@ -206,6 +208,19 @@ class DataConfig(Section):
     val_split: str = param("val", "Split used only for evaluation.", pattern=SPLIT_NAME)
     limit: int = param(0, "Use at most this many images per split (0: all). For smoke tests.", ge=0)
     decode_batch_size: int = param(64, "Images decoded per Ray Data batch.", ge=1)
+    long_tail: float = param(
+        0.0,
+        "Long-tailed train split: imbalance ratio r (largest / smallest class) of a subset chosen by the real "
+        "labels, class counts falling off geometrically; the labels are then hidden as always. 0 or 1: off.",
+        ge=0,
+    )
+    long_tail_seed: int = param(0, "Seed of the long-tailed subset (class order and which images stay).", ge=0)
+
+    def check(self) -> None:
+        if 0 < self.long_tail < 1:
+            raise ConfigError(
+                f"data.long_tail: must be 0 (off) or >= 1 (largest / smallest class), got {self.long_tail}"
+            )
 
 
 @_section("compute")
@@ -229,7 +244,9 @@ class ComputeConfig(Section):
 
 @_section("pretext")
 class PretextConfig(Section):
-    method: Literal["jigsaw"] = param("jigsaw", "Pretext task: Jigsaw++ (Noroozi et al. 2018).")
+    method: Literal["jigsaw", "isd"] = param(
+        "jigsaw", "Pretext task: Jigsaw++ (Noroozi et al. 2018) or ISD (Tejankar et al. 2020; settings in `isd`)."
+    )
     arch: Arch = param("vgg16", "Teacher architecture (the paper: VGG16).")
     width: float = param(1.0, "Channel width multiplier of the trunk.", gt=0, le=4)
     num_permutations: int = param(1000, "Permutations in the set (the paper: 1000; release: 701).", ge=2)
@@ -286,6 +303,32 @@ class PretextConfig(Section):
             )
 
 
+@_section("isd")
+class IsdConfig(Section):
+    view_size: int = param(224, "Side (px) of each augmented view (random resized crop of the image).", ge=16)
+    teacher_aug: Literal["weak", "strong"] = param(
+        "weak", "Teacher's view: weak (crop + flip; ISD's later variant) or the student's strong augmentation."
+    )
+    min_scale: float = param(0.2, "Smallest area fraction of the random resized crops.", gt=0, le=1)
+    proj_dim: int = param(128, "Output width of the projection head (the embedding the queue holds).", ge=2)
+    proj_hidden: int = param(2048, "Hidden width of the projection and prediction MLPs.", ge=1)
+    queue_size: int = param(128000, "Teacher embeddings in the FIFO queue of anchors (the paper: 128k).", ge=1)
+    ema: float = param(0.999, "Momentum of the EMA teacher: t <- m t + (1 - m) s (ISD: 0.999; later 0.99).", ge=0, lt=1)
+    t_teacher: float = param(0.02, "Teacher's softmax temperature (ISD: 0.02; later variant 0.01).", gt=0)
+    t_student: float = param(0.02, "Student's softmax temperature (ISD: 0.02; later variant 0.1).", gt=0)
+    epochs: int = param(200, "Training epochs.", ge=1)
+    batch_size: int = param(256, "Images per optimizer step, over all workers.", ge=2)
+    lr: float = param(0.05, "SGD learning rate (ISD: 0.05).", gt=0)
+    momentum: float = param(0.9, "SGD momentum.", ge=0, lt=1)
+    weight_decay: float = param(1e-4, "SGD weight decay.", ge=0)
+    lr_step_epochs: int = param(140, "Multiply the learning rate by 0.1 every this many epochs.", ge=1)
+    image_size: int = param(256, "Images are decoded with their short side at most this (px) before cropping.", ge=16)
+
+    def check(self) -> None:
+        if self.view_size > self.image_size:
+            raise ConfigError(f"isd.view_size: must be <= isd.image_size = {self.image_size}, got {self.view_size}")
+
+
 @_section("embed")
 class EmbedConfig(Section):
     tap: Tap = param("conv4", "Trunk layer whose activations are clustered (the paper: conv4).")
@@ -323,6 +366,11 @@ class ClusterConfig(Section):
     gallery_images: int = param(8, "Images shown per gallery row (nearest to the centroid first).", ge=1)
 
 
+TransferMethod = Literal["cluster", "distill"]
+# Fields that only the distill method reads: left out of a cluster transfer's stage hash (transfer.stage_config).
+DISTILL_FIELDS = ("method", "distill_queue", "distill_t_teacher", "distill_t_student", "distill_hidden")
+
+
 @_section("transfer")
 class TransferConfig(Section):
     arch: Arch = param("alexnet", "Student architecture (the paper: AlexNet).")
@@ -336,6 +384,15 @@ class TransferConfig(Section):
     balanced: bool = param(True, "Sample uniformly over clusters (DeepCluster's sampler).")
     holdout_fraction: float = param(0.05, "Fraction of images held out to score pseudo-label accuracy.", ge=0, lt=1)
     lr_step_epochs: int = param(30, "Multiply the learning rate by 0.1 every this many epochs (CompRess: 30).", ge=1)
+    method: TransferMethod = param(
+        "cluster",
+        "cluster: classify the teacher's k-means clusters (the paper's CC). distill: match the teacher's "
+        "similarities over a queue of its embed features (ISD / CompRess similarity distillation).",
+    )
+    distill_queue: int = param(128000, "distill: teacher embeddings in the FIFO queue of anchors.", ge=1)
+    distill_t_teacher: float = param(0.04, "distill: teacher's softmax temperature (CompRess: 0.04).", gt=0)
+    distill_t_student: float = param(0.04, "distill: student's softmax temperature (CompRess: 0.04).", gt=0)
+    distill_hidden: int = param(2048, "distill: hidden width of the student's MLP head onto the teacher's space.", ge=1)
 
 
 @_section("evaluate")
@@ -403,6 +460,7 @@ class Config(Section):
     data: DataConfig = field(default_factory=DataConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     pretext: PretextConfig = field(default_factory=PretextConfig)
+    isd: IsdConfig = field(default_factory=IsdConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)

@@ -560,6 +560,93 @@ def read_images(path: str, split: str | None = None, limit: int = 0) -> ray.data
     return ds
 
 
+# --------------------------------------------------------------------------- long-tailed subset
+
+
+def long_tail_counts(sizes: np.ndarray, ratio: float, order: np.ndarray) -> np.ndarray:
+    """Images kept per class, ``(C,)``: the ``i``-th class of ``order`` keeps ``n * r**i``, ``r = ratio**(-1/(C-1))``.
+
+    ``n`` is the largest class's size, so the head class keeps everything and the last class
+    ``n / ratio`` (at least 1); no class keeps more than it has.
+    """
+    sizes = np.asarray(sizes, dtype=np.int64)
+    c = len(sizes)
+    if c < 2 or ratio <= 1:
+        return sizes.copy()
+    r = float(ratio) ** (-1.0 / (c - 1))
+    want = np.empty(c, dtype=np.int64)
+    want[order] = np.maximum(1, np.floor(sizes.max() * r ** np.arange(c) + 1e-9)).astype(np.int64)
+    return np.minimum(want, sizes)
+
+
+def long_tail_mask(labels: np.ndarray, ratio: float, seed: int) -> np.ndarray:
+    """Which rows of a labelled split form its long-tailed subset (a seeded, deterministic choice).
+
+    Classes are ranked by a seeded permutation (so the head class is not always class 0),
+    each keeps :func:`long_tail_counts` of its images chosen at random; unlabelled rows
+    (label < 0) have no class and are dropped. The labels choose the subset and nothing else.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    keep = np.zeros(len(labels), dtype=bool)
+    classes = np.unique(labels[labels >= 0])
+    if len(classes) == 0:
+        return keep
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(classes))
+    sizes = np.array([(labels == c).sum() for c in classes])
+    counts = long_tail_counts(sizes, ratio, order)
+    for c, n in zip(classes, counts, strict=True):
+        rows = np.flatnonzero(labels == c)
+        keep[rng.choice(rows, size=int(n), replace=False)] = True
+    return keep
+
+
+def long_tail_on(cfg: DataConfig) -> bool:
+    return cfg.long_tail > 1
+
+
+def long_tail_ids(cfg: DataConfig) -> pa.Array | None:
+    """The image ids of the long-tailed train split (after ``limit``), or None when it is off."""
+    if not long_tail_on(cfg):
+        return None
+    t = load_table(data_path(cfg), cfg.train_split, ["image_id", "label"])
+    if cfg.limit:
+        t = t.slice(0, cfg.limit)  # the same first rows read_images(limit=...) streams
+    labels = t["label"].fill_null(-1).to_numpy(zero_copy_only=False)
+    mask = long_tail_mask(labels, cfg.long_tail, cfg.long_tail_seed)
+    return t["image_id"].filter(pa.array(mask)).combine_chunks()
+
+
+def train_ids(cfg: DataConfig) -> pa.Array:
+    """The ids of exactly the rows :func:`read_split` streams for the train split."""
+    keep = long_tail_ids(cfg)
+    return keep if keep is not None else image_ids(data_path(cfg), cfg.train_split, cfg.limit)
+
+
+def data_identity(cfg: DataConfig) -> str:
+    """The data key of the stages that train on ``cfg``'s train split: the shards, and the long-tailed
+    subset when there is one (so balanced and long-tailed runs never share a stage folder)."""
+    key = data_key(data_path(cfg))
+    return f"{key}-lt{cfg.long_tail:g}-s{cfg.long_tail_seed}" if long_tail_on(cfg) else key
+
+
+def _keep_rows(batch: pa.Table, keep: pa.Array, split: str) -> pa.Table:
+    import pyarrow.compute as pc
+
+    other = pc.not_equal(batch["split"], split)
+    return batch.filter(pc.or_(other, pc.is_in(batch["image_id"], value_set=keep)))
+
+
+def read_split(cfg: DataConfig, split: str | None) -> ray.data.Dataset:
+    """:func:`read_images` of the pipeline's data, with the train split cut to its long-tailed subset
+    when ``data.long_tail`` asks for one (other splits are never cut)."""
+    ds = read_images(data_path(cfg), split, cfg.limit)
+    keep = long_tail_ids(cfg)
+    if keep is None or split not in (None, cfg.train_split):
+        return ds
+    return ds.map_batches(_keep_rows, batch_format="pyarrow", fn_kwargs={"keep": keep, "split": cfg.train_split})
+
+
 def iter_entries(path: str) -> Iterator[str]:
     """Every image_id in a shard directory (for tests and checks)."""
     for f in shard_files(path):

@@ -197,7 +197,7 @@ def _split(cfg: Config) -> str | None:
 
 def output_dir(cfg: Config, teacher: StageDir) -> StageDir:
     """Where :func:`run` writes for this config, teacher and data."""
-    from ktray.data import data_key, data_path
+    from ktray.data import data_identity
 
     params = {
         "embed": cfg.embed.to_dict(),
@@ -205,7 +205,7 @@ def output_dir(cfg: Config, teacher: StageDir) -> StageDir:
         "limit": cfg.data.limit,
         "seed": cfg.seed if cfg.embed.pca_dim else None,  # only the PCA sample is random
     }
-    return stage_dir(cfg.root, "embed", params, [teacher, data_key(data_path(cfg.data))])
+    return stage_dir(cfg.root, "embed", params, [teacher, data_identity(cfg.data)])
 
 
 def actor_cpus(requested: float, num_actors: int) -> float:
@@ -258,7 +258,7 @@ def run(cfg: Config, teacher: StageDir) -> StageDir:
     """The embed stage: ``features/*.parquet`` (+ ``pca.npz``) under its stage folder."""
     import ray
 
-    from ktray.data import data_key, data_path, read_images
+    from ktray.data import data_identity, read_split
     from ktray.kmeans import resolve_device
     from ktray.models import read_weights
 
@@ -280,8 +280,8 @@ def run(cfg: Config, teacher: StageDir) -> StageDir:
     info = read_weights(weights)
     arch, width = str(info["arch"]), float(info["width"])
     device = resolve_device(cfg.compute.device)
-    path, split = data_path(cfg.data), _split(cfg)
-    ds = read_images(path, split, cfg.data.limit)
+    split = _split(cfg)
+    ds = read_split(cfg.data, split)
     n_in = ds.count()
     dim = feature_dim(cfg, arch, width)
     metadata = {"arch": arch, "width": width, "tap": e.tap, "grid": e.grid, "image_size": e.image_size,
@@ -328,6 +328,6 @@ def run(cfg: Config, teacher: StageDir) -> StageDir:
     print(f"embed: {n_out} rows x {dim} dims in {seconds:.1f} s ({summary['images_per_second']:.1f} images/s)",
           flush=True)
     write_manifest(sd, config={"embed": e.to_dict(), "split": split, "limit": cfg.data.limit},
-                   inputs=[teacher, data_key(path)], files=[*files_out, "features.json"],
+                   inputs=[teacher, data_identity(cfg.data)], files=[*files_out, "features.json"],
                    metrics={"summary": summary, "history": []}, started=started)
     return sd

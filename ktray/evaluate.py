@@ -491,8 +491,14 @@ def eval_data_path(cfg: Config) -> str:
 
 def stage_config(cfg: Config, name: str) -> dict[str, Any]:
     """What the evaluation depends on (the folder hash); compute settings are left out."""
+    # compare_rows only picks which rows `ktray compare` shows; it changes no evaluation. It is hashed
+    # as its default, so asking for other rows reuses every evaluation already done (folder names
+    # from before this rule stay valid).
+    from ktray.config import EvaluateConfig
+
+    e = {**cfg.evaluate.to_dict(), "compare_rows": list(EvaluateConfig().compare_rows)}
     return {
-        "evaluate": cfg.evaluate.to_dict(),
+        "evaluate": e,
         "train_split": cfg.data.train_split,
         "val_split": cfg.data.val_split,
         "limit": cfg.data.limit,

@@ -144,9 +144,9 @@ def stage_config(cfg: Config) -> dict[str, Any]:
 def output_dir(cfg: Config) -> StageDir:
     """Where :func:`run` writes for this config and data."""
     from ktray import rundir
-    from ktray.data import data_key, data_path
+    from ktray.data import data_identity
 
-    return rundir.stage_dir(cfg.root, "hog", stage_config(cfg), [data_key(data_path(cfg.data))])
+    return rundir.stage_dir(cfg.root, "hog", stage_config(cfg), [data_identity(cfg.data)])
 
 
 def run(cfg: Config) -> StageDir:
@@ -157,11 +157,10 @@ def run(cfg: Config) -> StageDir:
     """
 
     from ktray import rundir
-    from ktray.data import data_key, data_path, read_images
+    from ktray.data import data_identity, read_split
 
-    path = data_path(cfg.data)
     conf = stage_config(cfg)
-    inputs = [data_key(path)]
+    inputs = [data_identity(cfg.data)]
     sd = output_dir(cfg)
     if sd.done():
         return sd
@@ -171,7 +170,7 @@ def run(cfg: Config) -> StageDir:
 
     init_ray()  # the job's cluster (RAY_ADDRESS) or a local one
 
-    ds = read_images(path, cfg.data.train_split, cfg.data.limit)
+    ds = read_split(cfg.data, cfg.data.train_split)
     n = ds.count()
     per_image = 64
     # Enough sampled descriptors for a stable vocabulary (>= ~40 per word, faiss's own floor),

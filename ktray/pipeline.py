@@ -37,11 +37,16 @@ class Stage:
     params: Callable[[Config], dict[str, Any]]
 
 
+def _pretext_params(c: Config) -> dict[str, Any]:
+    isd = {"isd": c.isd.to_dict()} if c.pretext.method == "isd" else {}
+    return {"pretext": c.pretext.to_dict(), **isd}
+
+
 def _registry() -> dict[str, Stage]:
     from ktray import embed, evaluate, kmeans, pretext, transfer
 
     return {
-        "pretext": Stage("pretext", pretext.output_dir, pretext.run, lambda c: {"pretext": c.pretext.to_dict()}),
+        "pretext": Stage("pretext", pretext.output_dir, pretext.run, _pretext_params),
         "embed": Stage("embed", embed.output_dir, embed.run, lambda c: {"embed": c.embed.to_dict()}),
         "cluster": Stage("cluster", kmeans.output_dir, kmeans.run, lambda c: {"cluster": c.cluster.to_dict()}),
         "transfer": Stage("transfer", transfer.output_dir, transfer.run, lambda c: {"transfer": c.transfer.to_dict()}),
@@ -145,10 +150,14 @@ def run_stages(
     features = step("embed", teacher)
     if until == "embed":
         return out
-    labels = step("cluster", features, images=data_path(cfg.data))
+    distill = cfg.transfer.method == "distill"
+    labels = None
+    if until == "cluster" or not distill:
+        labels = step("cluster", features, images=data_path(cfg.data))
     if until == "cluster":
         return out
-    student = step("transfer", labels)
+    # Cluster classification learns from the clusters; distillation from the teacher's embeddings.
+    student = step("transfer", features if distill else labels)
     if until == "transfer":
         return out
     step("evaluate", student.path("student.pt"), labels=labels, name="student")

@@ -1,4 +1,9 @@
-"""The pretext stage: train the teacher on Jigsaw++ with Ray Train (Noroozi et al. 2018).
+"""The pretext stage: train the teacher on Jigsaw++ (Noroozi et al. 2018) or ISD with Ray Train.
+
+``pretext.method: isd`` trains by iterative similarity distillation instead (``ktray.isd``;
+settings in the ``isd`` section): two augmented views per image, no held-out puzzles, and
+the student's trunk saved as ``teacher.pt`` in the same format, so embed, cluster, transfer
+and evaluate take it unchanged (``ema_teacher.pt`` holds the EMA teacher's trunk beside it).
 
     images (shards) ──► Ray Data: decode + puzzles (CPU) ──► TorchTrainer workers ──► teacher.pt
                         └─ held-out slice ─► fixed val puzzles (materialized once) ─┘
@@ -39,11 +44,22 @@ if TYPE_CHECKING:
 
 PERMUTATIONS = "permutations.npy"
 TEACHER = "teacher.pt"
+EMA_TEACHER = "ema_teacher.pt"  # ISD: the EMA teacher's trunk, kept beside the student's (teacher.pt)
 
 
 def stage_config(cfg: Config) -> dict[str, Any]:
     """What the stage's output depends on (its folder hash). Compute settings are left out:
-    a run interrupted on 2 workers resumes fine on 4."""
+    a run interrupted on 2 workers resumes fine on 4. An ISD teacher hashes the method, the
+    trunk and the ``isd`` section (not the Jigsaw settings it never reads); a Jigsaw++ one
+    hashes the ``pretext`` section as it always did."""
+    if cfg.pretext.method == "isd":
+        p = cfg.pretext
+        return {
+            "pretext": {"method": p.method, "arch": p.arch, "width": p.width},
+            "isd": cfg.isd.to_dict(),
+            "seed": cfg.seed,
+            "data": {"train_split": cfg.data.train_split, "limit": cfg.data.limit},
+        }
     return {
         "pretext": cfg.pretext.to_dict(),
         "seed": cfg.seed,
@@ -57,9 +73,9 @@ def stage_config(cfg: Config) -> dict[str, Any]:
 
 def output_dir(cfg: Config) -> StageDir:
     """The pretext StageDir of ``cfg`` (without running anything)."""
-    from ktray.data import data_key, data_path
+    from ktray.data import data_identity
 
-    return stage_dir(cfg.root, "pretext", stage_config(cfg), inputs=[data_key(data_path(cfg.data))])
+    return stage_dir(cfg.root, "pretext", stage_config(cfg), inputs=[data_identity(cfg.data)])
 
 
 # --------------------------------------------------------------------------- permutations
@@ -113,12 +129,12 @@ def _select(table: pa.Table, *, fraction: float, seed: int, heldout: bool) -> pa
 
 def build_datasets(cfg: Config, perms: np.ndarray, num_workers: int) -> dict[str, ray.data.Dataset]:
     """``train``: fresh puzzles every epoch (streamed); ``val``: fixed puzzles (materialized)."""
-    from ktray.data import data_path, read_images
+    from ktray.data import read_split
     from ktray.jigsaw import PuzzleSpec, puzzle_batch
 
     p = cfg.pretext
     spec = PuzzleSpec.from_config(p)
-    images = read_images(data_path(cfg.data), split=cfg.data.train_split, limit=cfg.data.limit)
+    images = read_split(cfg.data, cfg.data.train_split)
     select = {"fraction": p.val_fraction, "seed": cfg.seed}
     puzzles = {"perms": perms, "spec": spec, "image_size": p.image_size}
 
@@ -167,16 +183,99 @@ def jigsaw_batch(batch: dict[str, Tensor], device: torch.device) -> tuple[Tensor
     return batch["tiles"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
 
 
+def build_isd_datasets(cfg: Config) -> dict[str, ray.data.Dataset]:
+    """``train``: the train split, shuffled, two augmented views per image, fresh every epoch."""
+    from ktray.data import read_split
+    from ktray.isd import two_views
+
+    i = cfg.isd
+    train = (
+        read_split(cfg.data, cfg.data.train_split)
+        .random_shuffle()  # unseeded: a new order (and new batch neighbours) every epoch
+        .map_batches(
+            two_views,
+            batch_size=cfg.data.decode_batch_size,
+            batch_format="numpy",
+            fn_kwargs={"size": i.view_size, "image_size": i.image_size, "min_scale": i.min_scale,
+                       "teacher_aug": i.teacher_aug},
+        )
+    )
+    train.context.enable_progress_bars = False
+    return {"train": train}
+
+
+def run_isd(cfg: Config, sd: StageDir, started: float) -> StageDir:
+    """Train the ISD teacher (student + EMA teacher + queue); the student's trunk becomes ``teacher.pt``."""
+    from ktray import isd, models, training
+    from ktray.data import data_identity
+    from ktray.pipeline import init_ray
+
+    init_ray()
+    p, i = cfg.pretext, cfg.isd
+    build = partial(
+        isd.build_isd, p.arch, p.width, proj_dim=i.proj_dim, proj_hidden=i.proj_hidden, queue_size=i.queue_size,
+        ema=i.ema, t_teacher=i.t_teacher, t_student=i.t_student,
+    )
+    task = training.TrainTask(
+        build_model=build,
+        batch_fn=isd.views_batch,
+        loss_fn=isd.similarity_kl,
+        acc_fn=isd.nearest_agreement,
+        after_step=isd.isd_after_step,
+        broadcast_buffers=False,  # the queue is kept equal by gathered enqueues, not re-sent every step
+        epochs=i.epochs,
+        batch_size=i.batch_size,
+        lr=i.lr,
+        momentum=i.momentum,
+        weight_decay=i.weight_decay,
+        lr_step_epochs=i.lr_step_epochs,
+        seed=cfg.seed,
+        unit="images",
+        extra={"queue_size": i.queue_size},
+    )
+    print(f"pretext: {p.arch} x{p.width} on ISD (queue {i.queue_size}, EMA {i.ema}, T_t {i.t_teacher}, "
+          f"T_s {i.t_student}, teacher view {i.teacher_aug}) -> {sd.uri}", flush=True)
+    result = training.fit(task, build_isd_datasets(cfg), cfg.compute, sd)
+    net = build()
+    net.load_state_dict(result.state_dict)
+    models.save_weights(net.trunk, sd.path(TEACHER))
+    models.save_weights(net.teacher.trunk, sd.path(EMA_TEACHER))  # type: ignore[arg-type]
+    last = result.summary
+    summary = {
+        "loss": last["loss"],
+        "agreement": last["train_acc"],  # same nearest anchor for student and teacher
+        "images_per_s": last["images_per_s"],
+        "queue_size": float(i.queue_size),
+        "epochs": float(last["epoch"]),
+        "resumed_from_epoch": float(result.starts[-1]),
+    }
+    history = [{"step": int(h["epoch"]), **{k: v for k, v in h.items() if k != "epoch"}} for h in result.history]
+    write_manifest(
+        sd,
+        config=stage_config(cfg),
+        inputs=[data_identity(cfg.data)],
+        files=[TEACHER, EMA_TEACHER],
+        metrics={"summary": summary, "history": history},
+        started=started,
+    )
+    print(f"pretext: done; ISD loss {summary['loss']:.4f}, nearest-anchor agreement {summary['agreement']:.3f}",
+          flush=True)
+    return sd
+
+
 def run(cfg: Config) -> StageDir:
-    """Train the Jigsaw++ teacher; return its stage folder (at once if already done)."""
+    """Train the teacher (Jigsaw++ or ISD); return its stage folder (at once if already done)."""
     import torch.nn.functional as F
 
     from ktray import models, training
-    from ktray.data import data_key, data_path
+    from ktray.data import data_identity
 
     sd = output_dir(cfg)
     if sd.done():
         return sd
+    if cfg.pretext.method == "isd":
+        sd.make()
+        return run_isd(cfg, sd, time.time())
     started = time.time()
     sd.make()
     p = cfg.pretext
@@ -226,7 +325,7 @@ def run(cfg: Config) -> StageDir:
     write_manifest(
         sd,
         config=stage_config(cfg),
-        inputs=[data_key(data_path(cfg.data))],
+        inputs=[data_identity(cfg.data)],
         files=[PERMUTATIONS, TEACHER],
         metrics={"summary": summary, "history": history},
         started=started,

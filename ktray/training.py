@@ -66,6 +66,11 @@ class TrainTask:
     val_batch_size: int = 0  # 0: same per-worker size as training
     shuffle_buffer: int = 0  # iter_torch_batches local shuffle buffer (rows per worker; 0: off)
     extra: dict[str, Any] = field(default_factory=dict)  # stored in the checkpoint's meta
+    # Hooks for methods that are not plain classification (ISD, similarity distillation):
+    forward_targets: bool = False  # call model(inputs, targets): the targets feed the forward (teacher features)
+    acc_fn: Callable[[Tensor, Tensor], Tensor] | None = None  # (outputs, targets) -> correct count; None: argmax
+    after_step: Callable[[nn.Module], None] | None = None  # on the unwrapped model after each step (EMA, queue)
+    broadcast_buffers: bool = True  # DDP re-broadcasts buffers every step; False for a large queue buffer
 
 
 @dataclass(frozen=True)
@@ -133,7 +138,8 @@ def _fit(
         raise ValueError(f"stage dir {sd.uri} is not named {sd.name}")
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"task": task, "amp": compute.amp, "cpus": compute.cpus_per_worker},
+        train_loop_config={"task": task, "amp": compute.amp, "cpus": compute.cpus_per_worker,
+                           "has_val": "val" in datasets},
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=compute.num_workers,
@@ -177,6 +183,11 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
+def _correct(task: TrainTask, out: Tensor, y: Tensor) -> Tensor:
+    """How many samples of the batch count as right (the ``train_acc`` / ``val_acc`` numerator)."""
+    return task.acc_fn(out, y) if task.acc_fn is not None else (out.argmax(1) == y).sum()
+
+
 def _train_loop(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
@@ -217,10 +228,13 @@ def _train_loop(config: dict[str, Any]) -> None:
         history, starts, start_epoch = meta["history"], meta["starts"], int(meta["epoch"])
     starts.append(start_epoch)
     if world > 1:
-        model = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+        model = DistributedDataParallel(
+            model, device_ids=[device.index] if cuda else None, broadcast_buffers=task.broadcast_buffers
+        )
 
     train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
+    # Train V2 raises KeyError for a dataset that was not passed (ISD and distill have no val set).
+    val_shard = ray.train.get_dataset_shard("val") if config.get("has_val", True) else None
     per_worker = max(1, task.batch_size // world)
     val_per_worker = task.val_batch_size or per_worker
 
@@ -246,14 +260,16 @@ def _train_loop(config: dict[str, Any]) -> None:
             if cuda and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)  # NHWC convs on tensor cores
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-                out = model(x)
+                out = model(x, y) if task.forward_targets else model(x)
                 loss = task.loss_fn(out.float(), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if task.after_step is not None:
+                task.after_step(_unwrap(model))
             n = y.shape[0]
             sums[0] += loss.detach().double() * n
-            sums[1] += (out.detach().argmax(1) == y).sum()
+            sums[1] += _correct(task, out.detach(), y)
             sums[2] += n
         local = sums.tolist()  # waits for the last step
         elapsed = time.perf_counter() - t0
@@ -321,10 +337,10 @@ def _evaluate(
             if x.is_cuda and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-                out = model(x)
+                out = model(x, y) if task.forward_targets else model(x)
             out = out.float()
             sums[0] += float(task.loss_fn(out, y)) * y.shape[0]
-            sums[1] += float((out.argmax(1) == y).sum())
+            sums[1] += float(_correct(task, out, y))
             sums[2] += y.shape[0]
     loss_sum, correct, seen = reduce(sums)
     if seen == 0:

@@ -1,5 +1,8 @@
 """Transfer: train the student from scratch to classify the teacher's clusters (paper Sec. 4).
 
+(``transfer.method: distill`` is the other way: the student matches the frozen teacher's
+similarity distribution over a queue of its embeddings; see :func:`run_distill` and ``ktray.isd``.)
+
 "Cluster classification" (CC) carries the teacher's knowledge to a student of any
 architecture: the student (AlexNet in the paper) never sees the teacher, only the
 pseudo-label each image got from k-means on the teacher's conv4 features.
@@ -178,18 +181,24 @@ STUDENT = "student.pt"
 
 def stage_config(cfg: Config) -> dict[str, Any]:
     """What the student depends on (its folder hash); compute settings are left out, so a run
-    interrupted on 2 workers resumes on 4."""
+    interrupted on 2 workers resumes on 4. A cluster-classification student leaves out the
+    distill settings it never reads (its folders keep the names they had before distill existed)."""
+    from ktray.config import DISTILL_FIELDS
+
+    t = cfg.transfer.to_dict()
+    if cfg.transfer.method == "cluster":
+        t = {k: v for k, v in t.items() if k not in DISTILL_FIELDS}
     return {
-        "transfer": cfg.transfer.to_dict(),
+        "transfer": t,
         "seed": cfg.seed,
         "data": {"train_split": cfg.data.train_split, "limit": cfg.data.limit},
     }
 
 
 def _inputs(cfg: Config, labels: StageDir) -> list[StageDir | str]:
-    from ktray.data import data_key, data_path
+    from ktray.data import data_identity
 
-    return [labels, data_key(data_path(cfg.data))]
+    return [labels, data_identity(cfg.data)]
 
 
 def output_dir(cfg: Config, labels: StageDir) -> StageDir:
@@ -205,10 +214,10 @@ def build_datasets(cfg: Config, labels: pa.Table, k: int, num_workers: int) -> d
     Every step is a stateless Ray Data task (no actor holds a CPU), so the stream cannot
     starve the all-to-all shuffle of CPUs on a small cluster.
     """
-    from ktray.data import data_path, read_images
+    from ktray.data import read_split
 
     t = cfg.transfer
-    images = read_images(data_path(cfg.data), cfg.data.train_split, cfg.data.limit)
+    images = read_split(cfg.data, cfg.data.train_split)
     ids = labels["image_id"].to_pylist()
     train_clusters = labels["cluster"].to_numpy()[~is_holdout(ids, t.holdout_fraction, cfg.seed)]
     rates = balanced_rates(train_clusters, k) if t.balanced else None
@@ -242,10 +251,130 @@ def build_datasets(cfg: Config, labels: pa.Table, k: int, num_workers: int) -> d
     return out
 
 
-def run(cfg: Config, labels: StageDir) -> StageDir:
-    """Train the student on the clusters of ``labels`` (a cluster stage); ``student.pt`` in its folder.
+# --------------------------------------------------------------------------- similarity distillation
 
-    Resumes from the last epoch checkpoint of an interrupted run of the same folder.
+
+def read_teacher_features(features: StageDir) -> tuple[pa.Array, np.ndarray]:
+    """An embed stage's image ids ``(N,)`` and L2-normalised features ``(N, D)`` float32 (the teacher's embeddings)."""
+    import pyarrow.parquet as pq
+
+    from ktray.kmeans import feature_files, features_to_numpy
+    from ktray.rundir import filesystem
+
+    ids, xs = [], []
+    for uri, _rows in feature_files(features):
+        fs, path = filesystem(uri)
+        t = pq.read_table(path, filesystem=fs, columns=["image_id", "feature"])
+        schema.feature_dim(t.schema)
+        ids.extend(t["image_id"].chunks)
+        xs.append(features_to_numpy(t["feature"]))
+    x = np.concatenate(xs)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return pa.chunked_array(ids, pa.string()).combine_chunks(), x
+
+
+def join_teacher(batch: pa.Table, ids: pa.Array, feats: np.ndarray) -> pa.Table:
+    """Attach each image's teacher embedding (column ``teacher``), looked up by ``image_id``; images
+    the teacher never embedded are dropped. A Ray Data task on whole blocks, like :func:`join_clusters`."""
+    import pyarrow.compute as pc
+
+    pos = pc.index_in(batch["image_id"], value_set=ids)  # (B,) row in feats, null if none
+    keep = pos.is_valid()
+    out = batch.filter(keep)
+    rows = pos.filter(keep).to_numpy(zero_copy_only=False).astype(np.int64)
+    teacher = pa.FixedSizeListArray.from_arrays(pa.array(feats[rows].reshape(-1), pa.float32()), feats.shape[1])
+    return out.append_column("teacher", teacher)
+
+
+def decode_teacher(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    """Decode + augment (random resized crop + flip) after the join: ``pixels`` and the matching ``teacher`` rows."""
+    from ktray.data import decode_batch
+
+    rows = {"image_id": batch["image_id"], "image": batch["image"]}
+    out = decode_batch(rows, size, "random", stage="transfer")  # type: ignore[arg-type]
+    where = {str(i): n for n, i in enumerate(batch["image_id"])}
+    teacher = np.stack(list(batch["teacher"]))  # (B, D)
+    picked = teacher[[where[str(i)] for i in out["image_id"]]] if len(out["image_id"]) else teacher[:0]
+    return {"pixels": out["pixels"], "teacher": picked.astype(np.float32)}
+
+
+def build_distill_datasets(cfg: Config, ids: pa.Array, feats: np.ndarray) -> dict[str, ray.data.Dataset]:
+    """``train``: the train split joined with the teacher's embeddings, shuffled, augmented anew every epoch."""
+    from ktray.data import read_split
+
+    train = (
+        read_split(cfg.data, cfg.data.train_split)
+        .map_batches(join_teacher, batch_size=None, batch_format="pyarrow", fn_kwargs={"ids": ids, "feats": feats})
+        .random_shuffle()
+        .map_batches(decode_teacher, fn_kwargs={"size": cfg.transfer.image_size},
+                     batch_size=cfg.data.decode_batch_size, batch_format="numpy")
+    )
+    train.context.enable_progress_bars = False
+    return {"train": train}
+
+
+def run_distill(cfg: Config, features: StageDir, sd: StageDir, started: float) -> StageDir:
+    """Train the student to match a frozen teacher's similarities over a queue of its embeddings."""
+    from functools import partial
+
+    from ktray import isd, models, training
+    from ktray.pipeline import init_ray
+    from ktray.rundir import write_manifest
+
+    init_ray()
+    t = cfg.transfer
+    ids, feats = read_teacher_features(features)
+    dim = feats.shape[1]
+    print(f"transfer: {t.arch} x{t.width:g} student distilled from {features.name} ({len(ids)} images, {dim} dims, "
+          f"queue {t.distill_queue}, T_t {t.distill_t_teacher}, T_s {t.distill_t_student}) -> {sd.uri}", flush=True)
+    build = partial(isd.build_distill, t.arch, t.width, dim, hidden=t.distill_hidden, queue_size=t.distill_queue,
+                    t_teacher=t.distill_t_teacher, t_student=t.distill_t_student)
+    task = training.TrainTask(
+        build_model=build,
+        batch_fn=isd.distill_batch,
+        loss_fn=isd.similarity_kl,
+        acc_fn=isd.nearest_agreement,
+        after_step=isd.isd_after_step,
+        forward_targets=True,  # the teacher's embeddings feed the forward
+        broadcast_buffers=False,
+        epochs=t.epochs,
+        batch_size=t.batch_size,
+        lr=t.lr,
+        momentum=t.momentum,
+        weight_decay=t.weight_decay,
+        lr_step_epochs=t.lr_step_epochs,
+        seed=cfg.seed,
+        unit="images",
+        extra={"teacher_dim": dim},
+    )
+    result = training.fit(task, build_distill_datasets(cfg, ids, feats), cfg.compute, sd)
+    net = build()
+    net.load_state_dict(result.state_dict)
+    models.save_weights(net.trunk, sd.path(STUDENT))
+    last = result.summary
+    summary = {
+        "loss": last["loss"],
+        "agreement": last["train_acc"],
+        "images_per_s": last["images_per_s"],
+        "teacher_dim": float(dim),
+        "epochs": float(last["epoch"]),
+        "resumed_from_epoch": float(result.starts[-1]),
+    }
+    history = [{"step": int(h["epoch"]), **{k_: v for k_, v in h.items() if k_ != "epoch"}} for h in result.history]
+    write_manifest(sd, config=stage_config(cfg), inputs=_inputs(cfg, features), files=[STUDENT],
+                   metrics={"summary": summary, "history": history}, started=started)
+    print(f"transfer: done; distillation loss {summary['loss']:.4f}, nearest-anchor agreement "
+          f"{summary['agreement']:.3f}", flush=True)
+    return sd
+
+
+def run(cfg: Config, labels: StageDir) -> StageDir:
+    """Train the student; ``student.pt`` in its folder.
+
+    ``transfer.method: cluster``: ``labels`` is a cluster stage and the student classifies its
+    clusters. ``distill``: ``labels`` is an embed stage (the teacher's embeddings) and the
+    student matches the teacher's similarities (:func:`run_distill`). Resumes from the last
+    epoch checkpoint of an interrupted run of the same folder.
     """
     from functools import partial
 
@@ -253,7 +382,7 @@ def run(cfg: Config, labels: StageDir) -> StageDir:
     import torch.nn.functional as F
 
     from ktray import models, training
-    from ktray.data import data_path, image_ids
+    from ktray.data import train_ids
     from ktray.rundir import write_manifest
 
     sd = output_dir(cfg, labels)
@@ -261,9 +390,12 @@ def run(cfg: Config, labels: StageDir) -> StageDir:
         return sd
     started = time.time()
     t = cfg.transfer
+    if t.method == "distill":
+        sd.make()
+        return run_distill(cfg, labels, sd, started)
     # The boundary check, before any folder or worker exists: one cluster for every image this
     # stage reads, and none for an image it does not.
-    table, k = read_labels(labels, image_ids(data_path(cfg.data), cfg.data.train_split, cfg.data.limit))
+    table, k = read_labels(labels, train_ids(cfg.data))
     sd.make()
     if not ray.is_initialized():
         ray.init()
