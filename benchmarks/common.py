@@ -160,6 +160,105 @@ def report(
     return result
 
 
+def descendants(root: int | None = None) -> list[int]:
+    """``root`` (default: this process) and every process below it, from /proc parent ids.
+
+    A local ``ray.init`` starts the GCS and the raylet as children of the driver, and every
+    Ray worker as a child of the raylet, so the tree holds all of a benchmark's processes.
+    """
+    root = os.getpid() if root is None else root
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(root: int | None = None) -> float:
+    """CPU seconds (user + system, with reaped children) used so far by a process tree.
+
+    On a machine shared with other jobs wall time measures the neighbours as much as the
+    code; CPU seconds per item does not, so every benchmark reports both.
+    """
+    total = 0
+    for pid in descendants(root):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
+    return total / _TICK
+
+
+class Meter:
+    """Wall and CPU seconds of a block: ``with Meter() as m: ...; m.wall, m.cpu``."""
+
+    def __enter__(self) -> Meter:
+        self.t0, self.c0 = time.perf_counter(), tree_cpu_seconds()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall = time.perf_counter() - self.t0
+        self.cpu = tree_cpu_seconds() - self.c0
+
+
+def init_ray(num_cpus: int, device: str, **kwargs: Any) -> None:
+    """A local Ray for the benchmark, retried: on a loaded machine the raylet can miss Ray's
+    fixed 30 s registration deadline."""
+    import ray
+
+    for attempt in range(3):
+        try:
+            ray.init(num_cpus=num_cpus, num_gpus=1 if device == "cuda" else 0, include_dashboard=False,
+                     log_to_driver=False, **kwargs)
+            break
+        except Exception as exc:  # Ray raises a bare Exception for a node that did not start in time
+            ray.shutdown()
+            if attempt == 2:
+                raise
+            print(f"ray.init failed ({exc}); retrying", flush=True)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def nice_worker(*_: object) -> None:
+    """DataLoader ``worker_init_fn``: the niceness Ray gives its workers (+5), so that on a
+    shared machine the baseline's workers compete for the CPUs exactly as Ray's do."""
+    os.nice(5)
+
+
+def pass_rows(unit: str, ktray: Sequence[Sequence[float]], baseline: Sequence[Sequence[float]]) -> list[Row]:
+    """Rows from passes of ``(items, wall s, CPU s)``: the first pass is a warm-up, reported apart."""
+
+    def rates(passes: Sequence[Sequence[float]]) -> tuple[float | None, float | None, float | None]:
+        if not passes:
+            return None, None, None
+        timed = passes[1:] or passes
+        n = sum(p[0] for p in timed)
+        return n / sum(p[1] for p in timed), n / max(sum(p[2] for p in timed), 1e-9), passes[0][1]
+
+    k, b = rates(ktray), rates(baseline)
+    return [
+        Row(f"{unit}/s", k[0], b[0], "wall, after warm-up"),
+        Row(f"{unit}/CPU-s", k[1], b[1], "all processes"),
+        Row("first pass", k[2], b[2], "s", higher_is_better=False),
+    ]
+
+
 def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
     """``(fn(*args, **kwargs), seconds)``."""
     t0 = time.perf_counter()

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import io
 import tempfile
-import time
 
 import common
 
@@ -45,11 +44,11 @@ class ImageDataset:
         return pil_to_tensor(self.resize(Image.open(io.BytesIO(self.images[i])).convert("RGB")))
 
 
-def baseline_pass(loader, trunk, args, device: str) -> tuple[int, float]:
+def baseline_pass(loader, trunk, args, device: str) -> tuple[int, float, float]:
     import torch
 
-    t0, n, out = time.perf_counter(), 0, []
-    with torch.inference_mode():
+    n, out = 0, []
+    with common.Meter() as m, torch.inference_mode():
         for pixels in loader:  # (B, 3, S, S) uint8
             x = pixels.to(device, non_blocking=True).float()
             mean = x.mean(dim=(1, 2, 3), keepdim=True)
@@ -62,19 +61,20 @@ def baseline_pass(loader, trunk, args, device: str) -> tuple[int, float]:
             feat = torch.nn.functional.adaptive_max_pool2d(act.float(), args.grid).flatten(1)
             out.append(feat.cpu().numpy())
             n += len(feat)
-    return n, time.perf_counter() - t0
+    return n, m.wall, m.cpu
 
 
-def ktray_pass(path: str, split: str | None, weights: str, cfg, device: str) -> tuple[int, float]:
+def ktray_pass(path: str, split: str | None, weights: str, cfg, device: str) -> tuple[int, float, float]:
     from ktray.data import read_images
     from ktray.embed import _embed_dataset
 
-    t0, n = time.perf_counter(), 0
-    ds = read_images(path, split, block_rows=cfg.data.decode_batch_size)
-    out = _embed_dataset(cfg, ds, weights, device, None, False, None)
-    for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):
-        n += batch.num_rows
-    return n, time.perf_counter() - t0
+    n = 0
+    with common.Meter() as m:
+        ds = read_images(path, split, block_rows=cfg.data.decode_batch_size)
+        out = _embed_dataset(cfg, ds, weights, device, None, False, None)
+        for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):
+            n += batch.num_rows
+    return n, m.wall, m.cpu
 
 
 def main() -> None:
@@ -120,12 +120,10 @@ def main() -> None:
             torch.set_num_threads(args.threads)
         loader = torch.utils.data.DataLoader(
             ImageDataset(images, args.image_size), batch_size=args.batch_size, num_workers=args.workers,
-            persistent_workers=args.workers > 0, pin_memory=device == "cuda",
+            persistent_workers=args.workers > 0, pin_memory=device == "cuda", worker_init_fn=common.nice_worker,
         )
         base = [baseline_pass(loader, trunk, args, device)]  # its workers fork before Ray starts
-        ray.init(num_cpus=args.workers + args.threads, num_gpus=1 if device == "cuda" else 0,
-                 include_dashboard=False, log_to_driver=False)
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        common.init_ray(args.workers + args.threads, device)
         ktr = []
         for i in range(args.passes):
             ktr.append(ktray_pass(path, split, weights, cfg, device))
@@ -134,12 +132,7 @@ def main() -> None:
             print(f"pass {i + 1}: ktray {ktr[-1]}, baseline {base[-1]}", flush=True)
         ray.shutdown()
 
-    def rate(passes: list[tuple[int, float]]) -> float:
-        timed = passes[1:] or passes
-        return sum(n for n, _ in timed) / sum(s for _, s in timed)
-
-    rows = [common.Row("rows/s", rate(ktr), rate(base), "after warm-up"),
-            common.Row("first pass", ktr[0][1], base[0][1], "s", higher_is_better=False)]
+    rows = common.pass_rows("rows", ktr, base)
     common.report(
         "embed", f"embed: {len(images)} images, {args.arch} x{args.width:g} {args.tap} pooled {args.grid}x{args.grid} "
         f"at {args.image_size} px, batch {args.batch_size}, {args.workers} decode worker(s) + {args.threads} "

@@ -101,8 +101,7 @@ def main() -> None:
     faiss.omp_set_num_threads(ncpu)
     use_gpu = device == "cuda" and faiss.get_num_gpus() > 0
     sizes, actor_counts = ints(args.sizes), ints(args.actors)
-    ray.init(num_cpus=ncpu, num_gpus=None if device == "cuda" else 0, include_dashboard=False, log_to_driver=False,
-             object_store_memory=max(1 << 30, int(max(sizes) * args.d * 4 * 2.5)))
+    common.init_ray(ncpu, device, object_store_memory=max(1 << 30, int(max(sizes) * args.d * 4 * 2.5)))
     rows, runs = [], []
     for n in sizes:
         x = make_data(n, args.d, args.blobs or 2 * args.k, args.seed)

@@ -41,26 +41,6 @@ FAST = [
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def descendants(root: int) -> list[int]:
-    """``root`` and every process below it (from /proc/*/stat parent ids)."""
-    children: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(d))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, []))
-    return out
-
-
 def pss_bytes(pid: int) -> int:
     """Proportional set size of one process (0 when it is gone)."""
     try:
@@ -84,7 +64,7 @@ class Sampler(threading.Thread):
 
     def run(self) -> None:
         while not self.stop.is_set():
-            pids = descendants(self.pid)
+            pids = common.descendants(self.pid)
             self.samples.append((time.time(), sum(pss_bytes(p) for p in pids), len(pids)))
             self.stop.wait(self.interval)
 

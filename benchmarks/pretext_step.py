@@ -140,9 +140,7 @@ def main() -> None:
 
     tiles, labels = make_data(args)
     # One logical CPU more than the worker takes, for the Ray Data coordinator feeding it.
-    ray.init(num_cpus=args.threads + 1, num_gpus=1 if device == "cuda" else 0, include_dashboard=False,
-             log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    common.init_ray(args.threads + 1, device)
     ktray_rates, ktray_wall = ktray_loop(tiles, labels, args, device)
     ray.shutdown()
     t0 = time.perf_counter()

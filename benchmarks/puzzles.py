@@ -19,7 +19,6 @@ the first pass is a warm-up (worker start-up, page cache) and is reported apart.
 from __future__ import annotations
 
 import io
-import time
 
 import common
 import numpy as np
@@ -104,25 +103,26 @@ def baseline_loader(images, perms, args, device: str):
     return torch.utils.data.DataLoader(
         ds, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
         collate_fn=partial(collate, max_foreign=args.max_foreign), persistent_workers=args.workers > 0,
-        pin_memory=device == "cuda",
+        pin_memory=device == "cuda", worker_init_fn=common.nice_worker,
     )
 
 
-def baseline_pass(loader, device: str) -> tuple[int, float]:
+def baseline_pass(loader, device: str) -> tuple[int, float, float]:
     import torch
 
-    t0, n = time.perf_counter(), 0
-    for batch in loader:
-        n += batch["tiles"].to(device, non_blocking=True).shape[0]
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return n, time.perf_counter() - t0
+    n = 0
+    with common.Meter() as m:
+        for batch in loader:
+            n += batch["tiles"].to(device, non_blocking=True).shape[0]
+        if device == "cuda":
+            torch.cuda.synchronize()
+    return n, m.wall, m.cpu
 
 
 # --------------------------------------------------------------------------- ktray
 
 
-def ktray_pass(path: str, split: str | None, perms: np.ndarray, args, device: str) -> tuple[int, float]:
+def ktray_pass(path: str, split: str | None, perms: np.ndarray, args, device: str) -> tuple[int, float, float]:
     """One pass of the pretext stage's puzzle stream (ktray.pretext.build_datasets, less the held-out filter)."""
     import torch
 
@@ -131,22 +131,19 @@ def ktray_pass(path: str, split: str | None, perms: np.ndarray, args, device: st
 
     spec = PuzzleSpec(crop=args.crop, tile=args.tile, max_foreign=args.max_foreign, grey_prob=args.grey_prob,
                       channel_shift=args.channel_shift)
-    t0, n = time.perf_counter(), 0
-    ds = read_images(path, split, block_rows=args.block_rows).map_batches(
-        puzzle_batch, batch_size=args.batch_size, batch_format="numpy",
-        fn_kwargs={"perms": perms, "spec": spec, "image_size": args.image_size, "repeats": args.repeats},
-    )
-    for batch in ds.iter_torch_batches(batch_size=args.batch_size * args.repeats, device=device):
-        n += batch["tiles"].shape[0]
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return n, time.perf_counter() - t0
+    n = 0
+    with common.Meter() as m:
+        ds = read_images(path, split, block_rows=args.block_rows).map_batches(
+            puzzle_batch, batch_size=args.batch_size, batch_format="numpy",
+            fn_kwargs={"perms": perms, "spec": spec, "image_size": args.image_size, "repeats": args.repeats},
+        )
+        for batch in ds.iter_torch_batches(batch_size=args.batch_size * args.repeats, device=device):
+            n += batch["tiles"].shape[0]
+        if device == "cuda":
+            torch.cuda.synchronize()
+    return n, m.wall, m.cpu
 
 
-def rate(passes: list[tuple[int, float]]) -> float:
-    """Puzzles per second over the passes after the warm-up one."""
-    timed = passes[1:] or passes
-    return sum(n for n, _ in timed) / sum(s for _, s in timed)
 
 
 def main() -> None:
@@ -189,9 +186,7 @@ def main() -> None:
     if loader is not None:
         base.append(baseline_pass(loader, device))
     if args.only != "baseline":
-        ray.init(num_cpus=args.workers, num_gpus=1 if device == "cuda" else 0, include_dashboard=False,
-                 log_to_driver=False)
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        common.init_ray(args.workers, device)
     for i in range(args.passes):
         if args.only != "baseline":
             ktr.append(ktray_pass(path, split, perms, args, device))
@@ -200,11 +195,7 @@ def main() -> None:
         print(f"pass {i + 1}: ktray {ktr[-1] if ktr else '-'}, baseline {base[-1] if base else '-'}", flush=True)
     ray.shutdown()
 
-    rows = [
-        common.Row("puzzles/s", rate(ktr) if ktr else None, rate(base) if base else None, "after warm-up"),
-        common.Row("first pass", ktr[0][1] if ktr else None, base[0][1] if base else None, "s",
-                   higher_is_better=False),
-    ]
+    rows = common.pass_rows("puzzles", ktr, base)
     common.report(
         "puzzles", f"decode + Jigsaw++ puzzles: {len(images)} images x {args.repeats} puzzle(s), "
         f"{args.image_size} px -> {args.crop} px crop, {args.tile} px tiles, {args.workers} workers, {device}",

@@ -520,8 +520,22 @@ def load_table(path: str, split: str | None = None, columns: list[str] | None = 
     return pa.concat_tables(tables)
 
 
-def read_images(path: str, split: str | None = None, limit: int = 0) -> ray.data.Dataset:
-    """The shards of ``split`` as a Ray dataset of (undecoded) image rows."""
+def split_blocks(ds: ray.data.Dataset, rows: int) -> ray.data.Dataset:
+    """``ds`` in blocks of at most ``rows`` rows (streaming: no shuffle, no barrier).
+
+    A read task yields one block per Parquet file, and a ``map_batches`` task takes whole
+    blocks: a shard of 1,000 images would be decoded by one task on one CPU however many
+    there are. Blocks of about a decode batch let every CPU decode (benchmarks/puzzles.py).
+    """
+    return ds.repartition(target_num_rows_per_block=rows) if rows > 0 else ds
+
+
+def read_images(path: str, split: str | None = None, limit: int = 0, block_rows: int = 0) -> ray.data.Dataset:
+    """The shards of ``split`` as a Ray dataset of (undecoded) image rows.
+
+    ``block_rows`` > 0 cuts the rows into blocks of that many (:func:`split_blocks`), so the
+    decode tasks downstream run in parallel; pass the decode batch size.
+    """
     import ray.data
 
     files = shard_files(path, split)
@@ -530,7 +544,7 @@ def read_images(path: str, split: str | None = None, limit: int = 0) -> ray.data
     fs, _ = filesystem(path)
     schema.check_images(pq.read_schema(filesystem(files[0])[1], filesystem=fs))
     ds = ray.data.read_parquet(files, filesystem=fs).select_columns(["image_id", "image", "label", "split"])
-    return ds.limit(limit) if limit else ds
+    return split_blocks(ds.limit(limit) if limit else ds, block_rows)
 
 
 def iter_entries(path: str) -> Iterator[str]:

@@ -269,7 +269,7 @@ def run(cfg: Config, teacher: StageDir) -> StageDir:
     arch, width = str(info["arch"]), float(info["width"])
     device = resolve_device(cfg.compute.device)
     path, split = data_path(cfg.data), _split(cfg)
-    ds = read_images(path, split, cfg.data.limit)
+    ds = read_images(path, split, cfg.data.limit, block_rows=cfg.data.decode_batch_size)
     n_in = ds.count()
     dim = feature_dim(cfg, arch, width)
     metadata = {"arch": arch, "width": width, "tap": e.tap, "grid": e.grid, "image_size": e.image_size,

@@ -435,7 +435,7 @@ def extract_features(
     gpu = device == "cuda"
     # An actor that reserved every CPU would starve the read tasks feeding it: leave one free.
     cpus = max(1, min(cfg.compute.cpus_per_worker, int(ray.cluster_resources().get("CPU", 1)) - 1))
-    ds = read_images(data_path, split, cfg.data.limit)
+    ds = read_images(data_path, split, cfg.data.limit, block_rows=cfg.data.decode_batch_size)
     decoded = ds.map_batches(
         decode_batch,
         fn_kwargs={"size": e.image_size, "mode": "center", "stage": "evaluate"},

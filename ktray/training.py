@@ -133,7 +133,8 @@ def _fit(
         raise ValueError(f"stage dir {sd.uri} is not named {sd.name}")
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"task": task, "amp": compute.amp, "cpus": compute.cpus_per_worker},
+        train_loop_config={"task": task, "amp": compute.amp, "cpus": compute.cpus_per_worker,
+                           "has_val": "val" in datasets},
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=compute.num_workers,
@@ -218,7 +219,8 @@ def _train_loop(config: dict[str, Any]) -> None:
         model = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
 
     train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
+    # Train V2 raises (rather than returning None) for a dataset that was not passed.
+    val_shard = ray.train.get_dataset_shard("val") if config.get("has_val", True) else None
     per_worker = max(1, task.batch_size // world)
     val_per_worker = task.val_batch_size or per_worker
 
