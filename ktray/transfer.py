@@ -202,7 +202,7 @@ def build_datasets(cfg: Config, labels: pa.Table, k: int, num_workers: int) -> d
     Every step is a stateless Ray Data task (no actor holds a CPU), so the stream cannot
     starve the all-to-all shuffle of CPUs on a small cluster.
     """
-    from ktray.data import data_path, read_images, split_blocks
+    from ktray.data import data_path, read_images
 
     t = cfg.transfer
     images = read_images(data_path(cfg.data), cfg.data.train_split, cfg.data.limit)
@@ -211,12 +211,12 @@ def build_datasets(cfg: Config, labels: pa.Table, k: int, num_workers: int) -> d
     rates = balanced_rates(train_clusters, k) if t.balanced else None
     join = {"labels": labels, "holdout_fraction": t.holdout_fraction, "seed": cfg.seed}
     decode = {"batch_size": cfg.data.decode_batch_size, "batch_format": "numpy"}
-    joined = images.map_batches(join_clusters, batch_size=None, batch_format="pyarrow",
-                                fn_kwargs={**join, "part": "train", "rates": rates})
-    # Unseeded: a new order every epoch (the shards are sorted by class; repeats land apart).
-    # Then blocks of one decode batch, so every CPU decodes (one block per shard otherwise).
-    train = split_blocks(joined.random_shuffle(), cfg.data.decode_batch_size).map_batches(
-        decode_clusters, fn_kwargs={"size": t.image_size, "mode": "random"}, **decode
+    train = (
+        images.map_batches(join_clusters, batch_size=None, batch_format="pyarrow",
+                           fn_kwargs={**join, "part": "train", "rates": rates})
+        # Unseeded: a new order every epoch (the shards are sorted by class; repeats land apart).
+        .random_shuffle()
+        .map_batches(decode_clusters, fn_kwargs={"size": t.image_size, "mode": "random"}, **decode)
     )
     out = {"train": train}
     if t.holdout_fraction > 0:
