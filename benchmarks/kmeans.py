@@ -2,9 +2,13 @@
 
 Both run on the same data, from the same initial centroids, for the same number of Lloyd
 iterations, in one process run, so the times and the final objectives compare directly.
+Every size in ``--sizes`` is run by faiss once and by ktray with every actor count in
+``--actors`` (the actors split the CPUs; one GPU each with ``--device cuda``, where faiss's
+own GPU k-means is the baseline when the installed faiss has GPUs).
 
-    python benchmarks/kmeans.py                        # 200k x 256, k=1000, 2 actors, 10 iterations
-    python benchmarks/kmeans.py --n 1000000 --k 20000 --niter 25 --device cuda --actors 1
+    python benchmarks/kmeans.py                                     # 100k x 256, k=1000, 1/2/4 actors
+    python benchmarks/kmeans.py --sizes 100000,200000,1000000 --niter 10
+    python benchmarks/kmeans.py --sizes 1000000 --k 20000 --niter 25 --device cuda --actors 1
 
 faiss's reference point (REFERENCES.md): 1M x 256 -> 20k centroids, 25 iterations: 55 s on
 one P100, 11 min on CPU. Timings per iteration exclude data loading and actor start-up,
@@ -15,14 +19,11 @@ Prints a table and writes JSON (``--out``, default benchmarks/results/kmeans.jso
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
 import os
-import platform
 import time
-from pathlib import Path
 
+import common
 import numpy as np
 
 
@@ -35,19 +36,61 @@ def make_data(n: int, d: int, centers: int, seed: int) -> np.ndarray:
     return x
 
 
+def ints(text: str) -> list[int]:
+    return [int(float(t)) for t in text.split(",") if t]
+
+
+def run_faiss(x: np.ndarray, init: np.ndarray, args, use_gpu: bool) -> tuple[float, float]:
+    """faiss.Kmeans from ``init``: (seconds per iteration, final objective)."""
+    import faiss
+
+    ref = faiss.Kmeans(x.shape[1], args.k, niter=args.niter, seed=args.seed, max_points_per_centroid=10**9,
+                       gpu=use_gpu, verbose=False)
+    t0 = time.perf_counter()
+    ref.train(x, init_centroids=init.copy())
+    return (time.perf_counter() - t0) / args.niter, float(ref.obj[-1])
+
+
+def run_ktray(x: np.ndarray, init: np.ndarray, actors: int, args, device: str) -> dict:
+    """ktray's actor group on ``x``: s/iter, objective, start-up and final assignment times."""
+    import ray
+
+    from ktray import kmeans as km
+
+    n = len(x)
+    cpus = args.cpus_per_actor or (os.cpu_count() or 1) / actors
+    bounds = [i * n // actors for i in range(actors + 1)]
+    t0 = time.perf_counter()
+    refs = [ray.put(x[a:b]) for a, b in itertools.pairwise(bounds)]
+    group = km.start_shards(refs, [None] * actors, device=device, cpus_per_actor=cpus)
+    ray.get([a.info.remote() for a in group])
+    startup = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    res = km.distributed_lloyd(group, args.k, args.niter, centroids=init, seed=args.seed)
+    train = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    table = km.assign_all(group, res.centroids)
+    assign_s = time.perf_counter() - t0
+    km.stop_shards(group)
+    del refs
+    assert table.num_rows == n
+    return {"actors": actors, "cpus_per_actor": cpus, "s_per_iter": train / args.niter,
+            "objective": res.objective[-1], "empty_splits": int(sum(res.splits)), "startup_s": startup,
+            "final_assign_s": assign_s}
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=200_000, help="rows")
+    p = common.parser(__doc__)
+    p.add_argument("--sizes", default="100000", help="comma-separated row counts")
     p.add_argument("--d", type=int, default=256, help="dimensions")
     p.add_argument("--k", type=int, default=1000, help="clusters")
-    p.add_argument("--niter", type=int, default=10, help="Lloyd iterations")
-    p.add_argument("--actors", type=int, default=2, help="ktray k-means actors")
+    p.add_argument("--niter", type=int, default=5, help="Lloyd iterations")
+    p.add_argument("--actors", default="1,2,4", help="comma-separated ktray actor counts")
     p.add_argument("--cpus-per-actor", type=float, default=0, help="0: all CPUs split over the actors")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--blobs", type=int, default=0, help="Gaussian blobs in the data (0: 2k)")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "kmeans.json"))
     args = p.parse_args()
+    device = common.resolve_device(args.device)
 
     import faiss
     import ray
@@ -55,67 +98,35 @@ def main() -> None:
     from ktray import kmeans as km
 
     ncpu = os.cpu_count() or 1
-    x = make_data(args.n, args.d, args.blobs or 2 * args.k, args.seed)
-    init = x[km.init_rows(args.n, args.k, args.seed)].copy()  # the same start for both
-
-    # ---- faiss.Kmeans, all threads (GPU when asked and faiss has it)
     faiss.omp_set_num_threads(ncpu)
-    use_gpu = args.device == "cuda" and faiss.get_num_gpus() > 0
-    ref = faiss.Kmeans(args.d, args.k, niter=args.niter, seed=args.seed, max_points_per_centroid=10**9,
-                       gpu=use_gpu, verbose=False)
-    t0 = time.perf_counter()
-    ref.train(x, init_centroids=init.copy())
-    faiss_train = time.perf_counter() - t0
-    faiss_obj = float(ref.obj[-1])
-
-    # ---- ktray: actors each hold a slice (through the object store), the driver reduces
-    ray.init(num_cpus=ncpu, num_gpus=None if args.device == "cuda" else 0, include_dashboard=False,
-             object_store_memory=max(1 << 30, int(x.nbytes * 2.5)))
-    cpus = args.cpus_per_actor or ncpu / args.actors
-    bounds = [i * args.n // args.actors for i in range(args.actors + 1)]
-    t0 = time.perf_counter()
-    refs = [ray.put(x[a:b]) for a, b in itertools.pairwise(bounds)]
-    actors = km.start_shards(refs, [None] * args.actors, device=args.device, cpus_per_actor=cpus)
-    ray.get([a.info.remote() for a in actors])
-    startup = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    res = km.distributed_lloyd(actors, args.k, args.niter, centroids=init, seed=args.seed)
-    ktray_train = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    table = km.assign_all(actors, res.centroids)
-    assign_s = time.perf_counter() - t0
-    km.stop_shards(actors)
+    use_gpu = device == "cuda" and faiss.get_num_gpus() > 0
+    sizes, actor_counts = ints(args.sizes), ints(args.actors)
+    common.init_ray(ncpu, device, object_store_memory=max(1 << 30, int(max(sizes) * args.d * 4 * 2.5)))
+    rows, runs = [], []
+    for n in sizes:
+        x = make_data(n, args.d, args.blobs or 2 * args.k, args.seed)
+        init = x[km.init_rows(n, args.k, args.seed)].copy()  # the same start for every run
+        faiss_s, faiss_obj = run_faiss(x, init, args, use_gpu)
+        for a in actor_counts:
+            r = run_ktray(x, init, a, args, device)
+            r |= {"n": n, "faiss_s_per_iter": faiss_s, "faiss_objective": faiss_obj,
+                  "objective_rel_diff": (r["objective"] - faiss_obj) / faiss_obj}
+            runs.append(r)
+            print(f"n={n} actors={a}: {r['s_per_iter']:.3f} s/iter (faiss {faiss_s:.3f}), objective "
+                  f"{r['objective']:.6g} (faiss {faiss_obj:.6g}), start-up {r['startup_s']:.1f} s", flush=True)
+            rows.append(common.Row(f"n={n:,} {a} actor(s)", r["s_per_iter"], faiss_s, "s/iter",
+                                   higher_is_better=False))
+            rows.append(common.Row(f"n={n:,} {a} actor(s)", r["objective"], faiss_obj, "objective",
+                                   higher_is_better=False))
+        del x
     ray.shutdown()
-    assert table.num_rows == args.n
-
-    row = {
-        "n": args.n, "d": args.d, "k": args.k, "niter": args.niter, "actors": args.actors,
-        "cpus_per_actor": cpus, "device": args.device, "faiss_gpu": use_gpu,
-        "ktray_s_per_iter": ktray_train / args.niter,
-        "faiss_s_per_iter": faiss_train / args.niter,
-        "ratio": ktray_train / faiss_train,
-        "ktray_objective": res.objective[-1],
-        "faiss_objective": faiss_obj,
-        "objective_rel_diff": (res.objective[-1] - faiss_obj) / faiss_obj,
-        "ktray_empty_splits": int(sum(res.splits)),
-        "ktray_startup_s": startup,
-        "ktray_final_assign_s": assign_s,
-        "cpus": ncpu,
-        "machine": platform.processor() or platform.machine(),
-        "faiss_version": faiss.__version__,
-        "ray_version": ray.__version__,
-    }
-    print(f"\n{args.n} x {args.d}, k={args.k}, {args.niter} iterations, {args.actors} actor(s) x {cpus:g} CPU, "
-          f"device {args.device}{' (faiss GPU)' if use_gpu else ''}, {ncpu} CPUs")
-    print(f"{'':10s} {'s/iter':>10s} {'objective':>16s}")
-    print(f"{'ktray':10s} {row['ktray_s_per_iter']:10.3f} {row['ktray_objective']:16.6g}")
-    print(f"{'faiss':10s} {row['faiss_s_per_iter']:10.3f} {row['faiss_objective']:16.6g}")
-    print(f"ratio ktray/faiss: {row['ratio']:.2f}x; objective difference {row['objective_rel_diff']:+.2e}; "
-          f"actor start-up {startup:.1f} s, final assignment {assign_s:.2f} s")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(row, indent=2))
-    print(f"wrote {out}")
+    common.report(
+        "kmeans", f"k-means: d={args.d}, k={args.k}, {args.niter} Lloyd iterations from the same start, "
+        f"{device}{' (faiss GPU)' if use_gpu else ''}",
+        rows, baseline=f"faiss.Kmeans{' (GPU)' if use_gpu else f' ({ncpu} threads)'}", device=device,
+        params=vars(args) | {"faiss_gpu": use_gpu, "faiss_version": faiss.__version__}, extra={"runs": runs},
+        out=args.out,
+    )
 
 
 if __name__ == "__main__":

@@ -521,6 +521,16 @@ def load_table(path: str, split: str | None = None, columns: list[str] | None = 
     return pa.concat_tables(tables)
 
 
+def split_blocks(ds: ray.data.Dataset, rows: int) -> ray.data.Dataset:
+    """``ds`` in blocks of at most ``rows`` rows (streaming: no shuffle, no barrier).
+
+    A read task yields one block per Parquet file, and a ``map_batches`` task takes whole
+    blocks: a shard of 1,000 images would be decoded by one task on one CPU however many
+    there are. Blocks of about a decode batch let every CPU decode (benchmarks/puzzles.py).
+    """
+    return ds.repartition(target_num_rows_per_block=rows) if rows > 0 else ds
+
+
 def image_ids(path: str, split: str | None = None, limit: int = 0) -> pa.Array:
     """The ids of exactly the rows ``read_images(path, split, limit)`` streams: the first ``limit`` in shard order."""
     ids = load_table(path, split, ["image_id"])["image_id"]
@@ -531,11 +541,13 @@ def _keep_ids(batch: pa.Table, ids: pa.Array) -> pa.Table:
     return batch.filter(pc.is_in(batch["image_id"], value_set=ids))
 
 
-def read_images(path: str, split: str | None = None, limit: int = 0) -> ray.data.Dataset:
+def read_images(path: str, split: str | None = None, limit: int = 0, block_rows: int = 0) -> ray.data.Dataset:
     """The shards of ``split`` as a Ray dataset of (undecoded) image rows.
 
     ``limit`` keeps the first ``limit`` rows in shard order, the same rows :func:`image_ids`
     names, on every run: ``Dataset.limit`` would keep whichever rows arrive first.
+    ``block_rows`` > 0 cuts the rows into blocks of that many (:func:`split_blocks`), so the
+    decode tasks downstream run in parallel; pass the decode batch size.
     """
     import ray.data
 
@@ -557,7 +569,7 @@ def read_images(path: str, split: str | None = None, limit: int = 0) -> ray.data
     ds = ray.data.read_parquet(files, filesystem=fs).select_columns(["image_id", "image", "label", "split"])
     if keep is not None:
         ds = ds.map_batches(_keep_ids, batch_format="pyarrow", batch_size=None, fn_kwargs={"ids": keep})
-    return ds
+    return split_blocks(ds, block_rows)
 
 
 # --------------------------------------------------------------------------- long-tailed subset
@@ -637,10 +649,11 @@ def _keep_rows(batch: pa.Table, keep: pa.Array, split: str) -> pa.Table:
     return batch.filter(pc.or_(other, pc.is_in(batch["image_id"], value_set=keep)))
 
 
-def read_split(cfg: DataConfig, split: str | None) -> ray.data.Dataset:
+def read_split(cfg: DataConfig, split: str | None, blocks: bool = True) -> ray.data.Dataset:
     """:func:`read_images` of the pipeline's data, with the train split cut to its long-tailed subset
-    when ``data.long_tail`` asks for one (other splits are never cut)."""
-    ds = read_images(data_path(cfg), split, cfg.limit)
+    when ``data.long_tail`` asks for one (other splits are never cut); ``blocks``: in blocks of a
+    decode batch, so every CPU decodes."""
+    ds = read_images(data_path(cfg), split, cfg.limit, block_rows=cfg.decode_batch_size if blocks else 0)
     keep = long_tail_ids(cfg)
     if keep is None or split not in (None, cfg.train_split):
         return ds

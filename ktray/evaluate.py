@@ -434,7 +434,7 @@ def extract_features(
     device = resolve_device(cfg.compute.device)
     gpu = device == "cuda"
     cpus = 1 if gpu else actor_cpus(cfg.compute.cpus_per_worker, e.num_actors)
-    ds = read_images(data_path, split, cfg.data.limit)
+    ds = read_images(data_path, split, cfg.data.limit, block_rows=cfg.data.decode_batch_size)
     decoded = ds.map_batches(
         decode_batch,
         fn_kwargs={"size": e.image_size, "mode": "center", "stage": "evaluate"},

@@ -129,11 +129,12 @@ def _select(table: pa.Table, *, fraction: float, seed: int, heldout: bool) -> pa
 
 def build_datasets(cfg: Config, perms: np.ndarray, num_workers: int) -> dict[str, ray.data.Dataset]:
     """``train``: fresh puzzles every epoch (streamed); ``val``: fixed puzzles (materialized)."""
-    from ktray.data import read_split
+    from ktray.data import read_split, split_blocks
     from ktray.jigsaw import PuzzleSpec, puzzle_batch
 
     p = cfg.pretext
     spec = PuzzleSpec.from_config(p)
+    rows = cfg.data.decode_batch_size
     images = read_split(cfg.data, cfg.data.train_split)
     select = {"fraction": p.val_fraction, "seed": cfg.seed}
     puzzles = {"perms": perms, "spec": spec, "image_size": p.image_size}
@@ -141,7 +142,7 @@ def build_datasets(cfg: Config, perms: np.ndarray, num_workers: int) -> dict[str
     train = images.map_batches(_select, batch_format="pyarrow", fn_kwargs={**select, "heldout": False})
     if p.shuffle_images:
         train = train.random_shuffle()  # unseeded: a new order (and new foreign-tile pairs) per epoch
-    train = train.map_batches(
+    train = split_blocks(train, rows).map_batches(  # one block per decode batch: every CPU builds puzzles
         puzzle_batch,
         batch_size=cfg.data.decode_batch_size,
         batch_format="numpy",

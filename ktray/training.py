@@ -248,7 +248,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         model.train()
         # loss * n, correct, n; kept on the device so the loop never waits for the GPU.
         sums = torch.zeros(3, dtype=torch.float64, device=device)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         for batch in train_shard.iter_torch_batches(
             batch_size=per_worker,
             drop_last=True,  # equal step counts on every worker (DDP) and no batch-norm batch of 1
@@ -273,7 +273,9 @@ def _train_loop(config: dict[str, Any]) -> None:
             sums[2] += n
         local = sums.tolist()  # waits for the last step
         elapsed = time.perf_counter() - t0
-        loss_sum, correct, seen = reduce(local)
+        # CPU seconds of this worker's process (every thread: torch's and Ray Data's prefetch):
+        # unlike wall time, not inflated by other jobs on a shared machine.
+        loss_sum, correct, seen, cpu = reduce([*local, time.process_time() - cpu0])
         schedule.step()
         if seen == 0:
             raise RuntimeError(
@@ -288,6 +290,7 @@ def _train_loop(config: dict[str, Any]) -> None:
             f"{task.unit}_per_s": seen / max(max(slowest), 1e-9),
             "lr": optimizer.param_groups[0]["lr"],
             "epoch_s": max(slowest),
+            "epoch_cpu_s": cpu,  # summed over workers
         }
         if val_shard is not None:
             metrics.update(_evaluate(model, val_shard, task, device, amp, val_per_worker, reduce))

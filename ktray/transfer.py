@@ -217,7 +217,8 @@ def build_datasets(cfg: Config, labels: pa.Table, k: int, num_workers: int) -> d
     from ktray.data import read_split
 
     t = cfg.transfer
-    images = read_split(cfg.data, cfg.data.train_split)
+    # Whole shards per block, as before the decode-block split (not yet measured on this stage's join).
+    images = read_split(cfg.data, cfg.data.train_split, blocks=False)
     ids = labels["image_id"].to_pylist()
     train_clusters = labels["cluster"].to_numpy()[~is_holdout(ids, t.holdout_fraction, cfg.seed)]
     rates = balanced_rates(train_clusters, k) if t.balanced else None

@@ -34,6 +34,17 @@ def test_sample_is_bundled_and_readable_with_ray(ray_session: None, sample_shard
     assert {r["label"] for r in rows} <= set(range(10))
 
 
+def test_block_rows_splits_a_shard_for_parallel_decode(ray_session: None, sample_shards: str) -> None:
+    """One shard is one read block; block_rows cuts it so that decode tasks run side by side."""
+    import ray
+
+    assert len(data.read_images(sample_shards, "val").to_arrow_refs()) == 1
+    blocks = [ray.get(r) for r in data.read_images(sample_shards, "val", block_rows=64).to_arrow_refs()]
+    assert len(blocks) >= 300 // 64 and max(b.num_rows for b in blocks) <= 64
+    ids = [i for b in blocks for i in b["image_id"].to_pylist()]
+    assert sorted(ids) == sorted(data.load_table(sample_shards, "val", columns=["image_id"])["image_id"].to_pylist())
+
+
 @pytest.mark.slow
 def test_pack_imagenette(imagenette_zip: Path, tmp_path: Path) -> None:
     out = tmp_path / "imagenette"
