@@ -218,20 +218,13 @@ class Meter:
 
 
 def init_ray(num_cpus: int, device: str, **kwargs: Any) -> None:
-    """A local Ray for the benchmark, retried: on a loaded machine the raylet can miss Ray's
-    fixed 30 s registration deadline."""
+    """A local Ray for the benchmark (``pipeline.init_ray``: retried on a loaded machine), no progress bars."""
     import ray
 
-    for attempt in range(3):
-        try:
-            ray.init(num_cpus=num_cpus, num_gpus=1 if device == "cuda" else 0, include_dashboard=False,
-                     log_to_driver=False, **kwargs)
-            break
-        except Exception as exc:  # Ray raises a bare Exception for a node that did not start in time
-            ray.shutdown()
-            if attempt == 2:
-                raise
-            print(f"ray.init failed ({exc}); retrying", flush=True)
+    from ktray.pipeline import init_ray as start
+
+    start(num_cpus=num_cpus, num_gpus=1 if device == "cuda" else 0, include_dashboard=False, log_to_driver=False,
+          **kwargs)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 

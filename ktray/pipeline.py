@@ -119,12 +119,27 @@ def ensure(cfg: Config, stage: str, *inputs: Any, force: bool = False, tracker: 
     return sd
 
 
-def init_ray() -> None:
-    """Join the Ray cluster this job runs on (``RAY_ADDRESS``), or start a local one."""
+def init_ray(attempts: int = 3, **kwargs: Any) -> None:
+    """Join the Ray cluster this job runs on (``RAY_ADDRESS``), or start a local one (``kwargs`` go to ``ray.init``).
+
+    Retried: on a loaded machine a local raylet can miss Ray's fixed 30 s registration
+    deadline, and Ray raises a bare ``Exception`` for that.
+    """
     import ray
 
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True, configure_logging=False)
+    if ray.is_initialized():
+        return
+    kwargs = {"log_to_driver": True, "configure_logging": False, **kwargs}
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(**kwargs)
+            return
+        except Exception as exc:
+            ray.shutdown()
+            if attempt == attempts:
+                raise
+            log.warning("ray.init failed (%s); retrying (%d/%d)", exc, attempt + 1, attempts)
+            time.sleep(2.0 * attempt)
 
 
 def run_stages(

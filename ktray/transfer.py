@@ -379,7 +379,6 @@ def run(cfg: Config, labels: StageDir) -> StageDir:
     """
     from functools import partial
 
-    import ray
     import torch.nn.functional as F
 
     from ktray import models, training
@@ -398,8 +397,9 @@ def run(cfg: Config, labels: StageDir) -> StageDir:
     # stage reads, and none for an image it does not.
     table, k = read_labels(labels, train_ids(cfg.data))
     sd.make()
-    if not ray.is_initialized():
-        ray.init()
+    from ktray.pipeline import init_ray
+
+    init_ray()  # the job's cluster (RAY_ADDRESS) or a local one
     used = int((np.bincount(table["cluster"].to_numpy(), minlength=k) > 0).sum())
     print(f"transfer: {t.arch} x{t.width:g} student on {table.num_rows} images, {k} clusters "
           f"({used} non-empty), balanced={t.balanced}, holdout {t.holdout_fraction:.0%} -> {sd.uri}", flush=True)
