@@ -123,10 +123,10 @@ def test_entrypoint_and_config_checks(tmp_path: Path) -> None:
     from ktray.config import ConfigError
     from ktray.submit import EXCLUDES, build_entrypoint, config_argument, runtime_env
 
-    config, overrides, cfg = config_argument(["tiny", "cluster.k=7", "name=a b"], REPO)
-    assert (config, overrides, cfg.cluster.k) == ("tiny", ["cluster.k=7", "name=a b"], 7)
+    config, overrides, cfg = config_argument(["tiny", "cluster.k=7", "evaluate.taps=[conv3, conv5]"], REPO)
+    assert (config, overrides, cfg.cluster.k) == ("tiny", ["cluster.k=7", "evaluate.taps=[conv3, conv5]"], 7)
     entry = build_entrypoint("pipeline", config, overrides)
-    assert entry == "python jobs/pipeline.py --config tiny cluster.k=7 'name=a b'"
+    assert entry == "python jobs/pipeline.py --config tiny cluster.k=7 'evaluate.taps=[conv3, conv5]'"
     config, _, _ = config_argument([str(REPO / "configs" / "tiny.yaml")], REPO)
     assert config == "configs/tiny.yaml"  # resolved inside the uploaded working dir
     outside = tmp_path / "mine.yaml"
