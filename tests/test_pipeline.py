@@ -143,6 +143,7 @@ def test_unreachable_tracking_server_fails_before_work(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # four trials: about 9 min on CI's 2 cores, more on a loaded machine
 def test_sweep_2x2_trains_pretext_once_per_max_foreign(ray_session: None, tmp_path: Path) -> None:
     from ktray import sweep
 
