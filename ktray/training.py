@@ -73,6 +73,14 @@ class TrainTask:
     broadcast_buffers: bool = True  # DDP re-broadcasts buffers every step; False for a large queue buffer
 
 
+SGD_FIELDS = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "lr_step_epochs")
+
+
+def sgd_schedule(section: Any) -> dict[str, Any]:
+    """The :class:`TrainTask` schedule fields, from a config section that declares them (pretext, isd, transfer)."""
+    return {name: getattr(section, name) for name in SGD_FIELDS}
+
+
 @dataclass(frozen=True)
 class TrainResult:
     """What :func:`fit` hands back to the stage: the final weights and the per-epoch history."""
