@@ -143,18 +143,24 @@ def test_unreachable_tracking_server_fails_before_work(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(2400)  # four trials: about 9 min on CI's 2 cores, more on a loaded machine
-def test_sweep_2x2_trains_pretext_once_per_max_foreign(ray_session: None, tmp_path: Path) -> None:
+def test_sweep_2x2_trains_pretext_once_per_max_foreign(job_run: dict[str, str], ray_session: None) -> None:
+    """A 2x2 grid over k and max_foreign in the job's run root: the job's own (k=10, max_foreign=2)
+    and every stage finished before are reused; max_foreign=1 trains one teacher for both k."""
     from ktray import sweep
 
-    root = str(tmp_path / "runs")
-    cfg = _cfg(root, "sweep.k=[6, 10]", "sweep.max_foreign=[0, 1]", "pretext.epochs=1", "transfer.epochs=1")
-    rows = sweep.run(cfg)
-    assert sorted((r["k"], r["max_foreign"]) for r in rows) == [(6, 0), (6, 1), (10, 0), (10, 1)]
-    started = [e for e in read_events(root) if e["event"] == "started"]
-    assert sum(e["stage"] == "pretext" for e in started) == 2
-    assert sum(e["stage"] == "embed" for e in started) == 2
-    assert sum(e["stage"] == "cluster" for e in started) == 4
+    root = job_run["root"]
+    n_events = len(read_events(root))
+    rows = sweep.run(_cfg(root, "sweep.k=[10, 12]", "sweep.max_foreign=[1, 2]"))
+    assert sorted((r["k"], r["max_foreign"]) for r in rows) == [(10, 1), (10, 2), (12, 1), (12, 2)]
+    new = read_events(root)[n_events:]
+    started = [e for e in new if e["event"] == "started"]
+    reused = [e for e in new if e["event"] == "reused"]
+    for stage in ("pretext", "embed"):  # one per max_foreign; max_foreign=2's is the job's
+        assert sum(e["stage"] == stage for e in started) == 1, started
+        assert sum(e["stage"] == stage for e in reused) == 3, reused
+    dirs = [e["dir"] for e in started]
+    assert len(dirs) == len(set(dirs)), f"a stage folder computed twice: {dirs}"
+    assert sum(e["stage"] == "cluster" for e in started + reused) == 4
     sweep_dir = next(Path(root).glob("sweep-*"))
     result = json.loads((sweep_dir / "results.json").read_text())
     assert result["best"]["objective"] == max(r["objective"] for r in rows)

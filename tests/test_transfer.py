@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from local_cluster import train_checkpoint_registered
 from workloads import TRANSFER_FAST, real_label_clusters
 
 from ktray import schema
@@ -140,15 +141,13 @@ def test_transfer_learns_and_resumes_after_being_killed(
         [sys.executable, "-c", RUN_SCRIPT, labels.stage, labels.key, labels.uri, *overrides],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
-    first = os.path.join(sd.uri, "checkpoint_epoch_0001")
     deadline = time.time() + 600
-    while not os.path.isdir(first) and proc.poll() is None and time.time() < deadline:
+    while not train_checkpoint_registered(sd.uri, 1) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.5)
-    time.sleep(1.0)  # let the checkpoint registration finish
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     log.close()
-    assert os.path.isdir(first), (tmp_path / "killed.log").read_text()[-3000:]
+    assert train_checkpoint_registered(sd.uri, 1), (tmp_path / "killed.log").read_text()[-3000:]
     assert not sd.done(), "the kill landed after the run finished"
 
     # The same stage again: it resumes from the checkpoint instead of starting over.
