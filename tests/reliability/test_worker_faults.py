@@ -114,14 +114,16 @@ def test_kmeans_actor_killed(ray_session: None, sample_shards: str, tmp_path: Pa
     teacher = random_teacher(root)
     base = replace(Config(root=root), [
         "data.limit=400", "embed.image_size=64", "embed.grid=2", "compute.device=cpu",
-        "cluster.k=20", "cluster.niter=60", "cluster.num_actors=2",
+        # 1500 Lloyd iterations of ~5 ms: seconds of iterating, so the kill lands inside them (at 60
+        # the iterations took 0.4 s and the kill could land after the stage had finished).
+        "cluster.k=20", "cluster.niter=1500", "cluster.num_actors=2",
     ])
     features = embed.run(base, teacher)
     clean = kmeans.run(replace(base, [f"root={tmp_path / 'clean'}"]), features)
     cfg = replace(base, [f"root={tmp_path / 'killed'}"])
     sd = kmeans.output_dir(cfg, features)
     # The fault: one k-means actor process dies by SIGKILL between or during Lloyd iterations.
-    with Killer("KMeansShard", ready=lambda: True, running=lambda: not sd.done(), delay=1.0) as kill:
+    with Killer("KMeansShard", ready=lambda: True, running=lambda: not sd.done(), delay=2.0) as kill:
         out = kmeans.run(cfg, features)
     assert kill.pids and kill.stage_running, kill.error or "the kill landed after the stage finished"
     a, b = (pq.read_table(s.path("labels.parquet")).sort_by("image_id") for s in (clean, out))
