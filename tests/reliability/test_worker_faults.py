@@ -114,9 +114,9 @@ def test_kmeans_actor_killed(ray_session: None, sample_shards: str, tmp_path: Pa
     teacher = random_teacher(root)
     base = replace(Config(root=root), [
         "data.limit=400", "embed.image_size=64", "embed.grid=2", "compute.device=cpu",
-        # 1500 Lloyd iterations of ~5 ms: seconds of iterating, so the kill lands inside them (at 60
+        # 600 Lloyd iterations of 5-15 ms: seconds of iterating, so the kill lands inside them (at 60
         # the iterations took 0.4 s and the kill could land after the stage had finished).
-        "cluster.k=20", "cluster.niter=1500", "cluster.num_actors=2",
+        "cluster.k=20", "cluster.niter=600", "cluster.num_actors=2",
     ])
     features = embed.run(base, teacher)
     clean = kmeans.run(replace(base, [f"root={tmp_path / 'clean'}"]), features)
