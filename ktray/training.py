@@ -73,6 +73,11 @@ class TrainTask:
     broadcast_buffers: bool = True  # DDP re-broadcasts buffers every step; False for a large queue buffer
 
 
+def checkpoint_name(epoch: int) -> str:
+    """The folder of the checkpoint taken after ``epoch`` (1-based) inside the stage folder."""
+    return f"checkpoint_epoch_{epoch:04d}"
+
+
 SGD_FIELDS = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "lr_step_epochs")
 
 
@@ -322,7 +327,7 @@ def _train_loop(config: dict[str, Any]) -> None:
                 ray.train.report(
                     metrics,
                     checkpoint=ray.train.Checkpoint.from_directory(d),
-                    checkpoint_dir_name=f"checkpoint_epoch_{epoch + 1:04d}",
+                    checkpoint_dir_name=checkpoint_name(epoch + 1),
                 )
         else:
             ray.train.report(metrics)

@@ -280,14 +280,16 @@ def ray_workers(root: int, title: str) -> list[int]:
 def train_checkpoint_registered(stage_uri: str, epoch: int) -> bool:
     """Whether Ray Train's controller has registered the stage's checkpoint of ``epoch``.
 
-    ``checkpoint_epoch_N/`` on disk is not enough: the controller records a reported checkpoint
+    The checkpoint's folder on disk is not enough: the controller records a reported checkpoint
     in ``checkpoint_manager_snapshot.json`` a moment later, and only a recorded one is handed to
     a restarted worker group (``FailureConfig``) or a rerun (``ray.train.get_checkpoint``). A kill
     in between restarts from the epoch before, which a resume test must not mistake for a bug.
     """
+    from ktray.training import checkpoint_name
+
     try:
         snapshot = json.loads((Path(stage_uri) / "checkpoint_manager_snapshot.json").read_text())
     except (OSError, ValueError):
         return False
     names = {r.get("checkpoint_dir_name") for r in snapshot.get("checkpoint_results", [])}
-    return f"checkpoint_epoch_{epoch:04d}" in names
+    return checkpoint_name(epoch) in names

@@ -17,6 +17,7 @@ from torch import nn
 
 from ktray import isd
 from ktray.config import load_config, replace
+from ktray.training import checkpoint_name
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -255,7 +256,7 @@ def test_isd_two_workers_learn_checkpoint_and_resume_after_sigkill(ray_session: 
     )
     deadline = time.time() + 600
     try:
-        while not (stage_path / "checkpoint_epoch_0002" / "meta.json").exists():
+        while not (stage_path / checkpoint_name(2) / "meta.json").exists():
             assert proc.poll() is None, f"driver exited early:\n{log_path.read_text()[-3000:]}"
             assert time.time() < deadline, "no second checkpoint within 600 s"
             time.sleep(0.2)
