@@ -61,7 +61,8 @@ def run(cfg: Config) -> list[dict[str, Any]]:
     init_ray()
     sweep_id = config_hash(cfg.to_dict())
     out_uri = join(cfg.root, f"sweep-{sweep_id}")
-    _, storage = filesystem(cfg.root)
+    # Tune's own experiment folder lives inside the sweep's, so the run root holds one sweep-<hash>.
+    _, storage = filesystem(out_uri)
     import ray
 
     # A trial is a driver: it only waits while its Train workers use the CPUs and GPUs. On a
@@ -81,8 +82,7 @@ def run(cfg: Config) -> list[dict[str, Any]]:
             "sweep_id": sweep_id,
         },
         tune_config=tune.TuneConfig(max_concurrent_trials=cfg.sweep.max_concurrent),
-        run_config=tune.RunConfig(name=f"sweep-{sweep_id}-tune", storage_path=cfg.root if "://" in cfg.root
-                                  else storage, verbose=1),
+        run_config=tune.RunConfig(name="tune", storage_path=out_uri if "://" in out_uri else storage, verbose=1),
     )
     t0 = time.time()
     grid = tuner.fit()

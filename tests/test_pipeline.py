@@ -163,7 +163,9 @@ def test_sweep_2x2_trains_pretext_once_per_max_foreign(job_run: dict[str, str], 
     dirs = [e["dir"] for e in started]
     assert len(dirs) == len(set(dirs)), f"a stage folder computed twice: {dirs}"
     assert sum(e["stage"] == "cluster" for e in started + reused) == 4
-    sweep_dir = next(Path(root).glob("sweep-*"))
+    sweep_dirs = list(Path(root).glob("sweep-*"))
+    assert len(sweep_dirs) == 1, f"one folder per sweep, Tune's inside it: {sweep_dirs}"
+    sweep_dir = sweep_dirs[0]
     result = json.loads((sweep_dir / "results.json").read_text())
     assert result["best"]["objective"] == max(r["objective"] for r in rows)
     assert (sweep_dir / "accuracy_vs_k.png").stat().st_size > 0
