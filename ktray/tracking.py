@@ -226,12 +226,15 @@ class Tracker:
         for attempt in range(attempts):
             if not self.pending:
                 return
-            todo, self.pending = self.pending, []
-            for what, fn in todo:
+            # In order; the first failure ends the round: the server is still away, and every
+            # further call would only wait out its own retries.
+            while self.pending:
+                _, fn = self.pending[0]
                 try:
                     fn()
                 except Exception:
-                    self.pending.append((what, fn))
+                    break
+                self.pending.pop(0)
             if self.pending and attempt + 1 < attempts:
                 time.sleep(wait)
         if self.pending:
