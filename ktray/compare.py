@@ -59,7 +59,7 @@ def supervised_labels(cfg: Config) -> StageDir:
     import pyarrow.parquet as pq
 
     from ktray import schema
-    from ktray.data import class_names, data_identity, data_path, load_table, long_tail_ids
+    from ktray.data import class_names, data_identity, data_path, limited_rows, load_table, long_tail_ids
     from ktray.rundir import stage_dir, write_bytes_atomic, write_manifest
 
     path = data_path(cfg.data)
@@ -69,8 +69,7 @@ def supervised_labels(cfg: Config) -> StageDir:
         return sd
     sd.make()
     t = load_table(path, cfg.data.train_split, ["image_id", "label"])
-    if cfg.data.limit:
-        t = t.slice(0, cfg.data.limit)  # the same first rows read_images(limit=...) streams
+    t = limited_rows(t, cfg.data.limit)  # the rows read_images(limit=...) streams
     keep = long_tail_ids(cfg.data)
     if keep is not None:  # the long-tailed subset the other rows train on
         t = t.filter(pc.is_in(t["image_id"], value_set=keep))

@@ -531,10 +531,31 @@ def split_blocks(ds: ray.data.Dataset, rows: int) -> ray.data.Dataset:
     return ds.repartition(target_num_rows_per_block=rows) if rows > 0 else ds
 
 
+# A limited run takes the classes in turn, so 200 images of a class-sorted set still span every
+# class (the first 200 rows were 2 classes of the bundled sample). Folders computed under the old
+# rule (the first rows) must not be reused: the rule is part of every limited stage's hash.
+LIMIT_ORDER = "classes-in-turn"
+
+
+def limited_rows(table: pa.Table, limit: int) -> pa.Table:
+    """The ``limit`` rows of ``table`` a limited run uses, in table order: the first image of each
+    class, then the second of each, and so on (unlabelled rows count as one class). No limit: all."""
+    if not limit or limit >= table.num_rows:
+        return table
+    labels = (table["label"].fill_null(-1).to_numpy(zero_copy_only=False) if "label" in table.column_names
+              else np.zeros(table.num_rows, np.int64))
+    by_class = np.argsort(labels, kind="stable")  # rows grouped by class, table order within a class
+    starts = np.searchsorted(labels[by_class], labels[by_class])  # where each row's class begins
+    rank = np.empty(table.num_rows, np.int64)
+    rank[by_class] = np.arange(table.num_rows) - starts  # the row's place within its class
+    chosen = np.sort(np.lexsort((np.arange(table.num_rows), rank))[:limit])
+    return table.take(pa.array(chosen))
+
+
 def image_ids(path: str, split: str | None = None, limit: int = 0) -> pa.Array:
-    """The ids of exactly the rows ``read_images(path, split, limit)`` streams: the first ``limit`` in shard order."""
-    ids = load_table(path, split, ["image_id"])["image_id"]
-    return (ids.slice(0, limit) if limit else ids).combine_chunks()
+    """The ids of exactly the rows ``read_images(path, split, limit)`` streams (:func:`limited_rows`)."""
+    columns = ["image_id", "label"] if limit else ["image_id"]
+    return limited_rows(load_table(path, split, columns), limit)["image_id"].combine_chunks()
 
 
 def _keep_ids(batch: pa.Table, ids: pa.Array) -> pa.Table:
@@ -544,8 +565,8 @@ def _keep_ids(batch: pa.Table, ids: pa.Array) -> pa.Table:
 def read_images(path: str, split: str | None = None, limit: int = 0, block_rows: int = 0) -> ray.data.Dataset:
     """The shards of ``split`` as a Ray dataset of (undecoded) image rows.
 
-    ``limit`` keeps the first ``limit`` rows in shard order, the same rows :func:`image_ids`
-    names, on every run: ``Dataset.limit`` would keep whichever rows arrive first.
+    ``limit`` keeps the rows :func:`image_ids` names (the classes in turn), the same on every
+    run: ``Dataset.limit`` would keep whichever rows arrive first.
     ``block_rows`` > 0 cuts the rows into blocks of that many (:func:`split_blocks`), so the
     decode tasks downstream run in parallel; pass the decode batch size.
     """
@@ -559,13 +580,9 @@ def read_images(path: str, split: str | None = None, limit: int = 0, block_rows:
     keep = None
     if limit:
         keep = image_ids(path, split, limit)
-        rows, needed = 0, []
-        for f in files:  # only the shards that hold the first `limit` rows are read at all
-            needed.append(f)
-            rows += pq.ParquetFile(filesystem(f)[1], filesystem=fs).metadata.num_rows
-            if rows >= limit:
-                break
-        files = needed
+        # Only the shards that hold a kept row are read at all.
+        files = [f for f in files if pc.any(pc.is_in(
+            pq.read_table(filesystem(f)[1], filesystem=fs, columns=["image_id"])["image_id"], value_set=keep)).as_py()]
     ds = ray.data.read_parquet(files, filesystem=fs).select_columns(["image_id", "image", "label", "split"])
     if keep is not None:
         ds = ds.map_batches(_keep_ids, batch_format="pyarrow", batch_size=None, fn_kwargs={"ids": keep})
@@ -622,8 +639,7 @@ def long_tail_ids(cfg: DataConfig) -> pa.Array | None:
     if not long_tail_on(cfg):
         return None
     t = load_table(data_path(cfg), cfg.train_split, ["image_id", "label"])
-    if cfg.limit:
-        t = t.slice(0, cfg.limit)  # the same first rows read_images(limit=...) streams
+    t = limited_rows(t, cfg.limit)  # the rows read_images(limit=...) streams
     labels = t["label"].fill_null(-1).to_numpy(zero_copy_only=False)
     mask = long_tail_mask(labels, cfg.long_tail, cfg.long_tail_seed)
     return t["image_id"].filter(pa.array(mask)).combine_chunks()
@@ -636,9 +652,12 @@ def train_ids(cfg: DataConfig) -> pa.Array:
 
 
 def data_identity(cfg: DataConfig) -> str:
-    """The data key of the stages that train on ``cfg``'s train split: the shards, and the long-tailed
-    subset when there is one (so balanced and long-tailed runs never share a stage folder)."""
+    """The data key of the stages that train on ``cfg``'s train split: the shards, the rule a limited
+    run picks its rows by, and the long-tailed subset when there is one (so balanced and long-tailed
+    runs never share a stage folder)."""
     key = data_key(data_path(cfg))
+    if cfg.limit:
+        key = f"{key}-{LIMIT_ORDER}"
     return f"{key}-lt{cfg.long_tail:g}-s{cfg.long_tail_seed}" if long_tail_on(cfg) else key
 
 

@@ -495,13 +495,14 @@ def stage_config(cfg: Config, name: str) -> dict[str, Any]:
     # as its default, so asking for other rows reuses every evaluation already done (folder names
     # from before this rule stay valid).
     from ktray.config import EvaluateConfig
+    from ktray.data import LIMIT_ORDER
 
     e = {**cfg.evaluate.to_dict(), "compare_rows": list(EvaluateConfig().compare_rows)}
     return {
         "evaluate": e,
         "train_split": cfg.data.train_split,
         "val_split": cfg.data.val_split,
-        "limit": cfg.data.limit,
+        "limit": f"{cfg.data.limit}:{LIMIT_ORDER}" if cfg.data.limit else 0,  # data.limited_rows's rule
         "seed": cfg.seed,
         "name": name,
     }

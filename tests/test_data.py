@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,20 @@ def test_sample_is_bundled_and_readable_with_ray(ray_session: None, sample_shard
     )
     rows = ds.take_all()
     assert len(rows) == 50 and rows[0]["pixels"].shape == (32, 32, 3)
-    assert {r["label"] for r in rows} <= set(range(10))
+    # The sample's shards are sorted by class; a limited read still holds every class, 5 each.
+    assert Counter(r["label"] for r in rows) == dict.fromkeys(range(10), 5)
+    assert sorted(r["image_id"] for r in rows) == sorted(data.image_ids(sample_shards, "val", 50).to_pylist())
+
+
+def test_limit_takes_the_classes_in_turn() -> None:
+    import pyarrow as pa
+
+    table = pa.table({"image_id": list("abcdefgh"), "label": pa.array([0, 0, 0, 0, 1, 1, None, 2])})
+    # The first of each class (nulls are a class), then the second of each, kept in table order.
+    assert data.limited_rows(table, 4)["image_id"].to_pylist() == ["a", "e", "g", "h"]
+    assert data.limited_rows(table, 6)["image_id"].to_pylist() == ["a", "b", "e", "f", "g", "h"]
+    assert data.limited_rows(table, 0).equals(table) and data.limited_rows(table, 99).equals(table)
+    assert data.limited_rows(table.drop_columns(["label"]), 3)["image_id"].to_pylist() == ["a", "b", "c"]
 
 
 def test_block_rows_splits_a_shard_for_parallel_decode(ray_session: None, sample_shards: str) -> None:

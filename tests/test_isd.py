@@ -306,7 +306,7 @@ def test_distill_student_trains_on_cached_teacher_embeddings(
     import pyarrow.parquet as pq
 
     from ktray import transfer
-    from ktray.data import load_table
+    from ktray.data import image_ids
     from ktray.embed import features_table
     from ktray.models import load_trunk
     from ktray.rundir import StageDir
@@ -318,7 +318,7 @@ def test_distill_student_trains_on_cached_teacher_embeddings(
         "transfer.lr=0.02", "transfer.distill_queue=64", "transfer.distill_hidden=32",
     ])
     # A stand-in for the embed stage's output: 16-dim "teacher" embeddings keyed by image_id.
-    ids = load_table(sample_shards, "train", ["image_id"])["image_id"].to_pylist()[:96]
+    ids = image_ids(sample_shards, "train", 96).to_pylist()
     features = StageDir("embed", "fake", f"{run_root}/embed-fake")
     Path(features.path("features")).mkdir(parents=True)
     x = np.random.default_rng(0).normal(size=(len(ids), 16)).astype(np.float32)

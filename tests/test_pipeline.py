@@ -75,7 +75,7 @@ def test_job_runs_the_whole_pipeline(job_run: dict[str, str]) -> None:
     dirs = {p.name.split("-")[0]: p for p in Path(root).iterdir() if (p / "manifest.json").exists()}
     assert set(dirs) == set(pipeline.STAGES)
     labels = pq.read_table(dirs["cluster"] / "labels.parquet")
-    train_ids = data.load_table(data.sample_path(), "train", columns=["image_id"])["image_id"].to_pylist()[:200]
+    train_ids = data.image_ids(data.sample_path(), "train", 200).to_pylist()
     assert sorted(labels["image_id"].to_pylist()) == sorted(train_ids)
     assert (dirs["evaluate"] / "summary.md").exists() and (dirs["transfer"] / "student.pt").exists()
     started = [e["stage"] for e in read_events(root) if e["event"] == "started"]

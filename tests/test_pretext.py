@@ -52,9 +52,9 @@ def test_val_puzzles_are_fixed_and_train_puzzles_fresh(ray_session: None, sample
 
 
 def _heldout_ids(path: str, cfg: object) -> list[str]:
-    from ktray.data import load_table
+    from ktray.data import image_ids
 
-    ids = load_table(path, "train", columns=["image_id"])["image_id"].to_pylist()[:120]
+    ids = image_ids(path, "train", 120).to_pylist()
     return [i for i, h in zip(ids, pretext.is_heldout(ids, cfg.pretext.val_fraction, cfg.seed)) if h]  # type: ignore[attr-defined]
 
 

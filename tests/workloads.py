@@ -6,11 +6,12 @@ import io
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
 from ktray import schema
-from ktray.data import load_table
+from ktray.data import image_ids, load_table
 from ktray.rundir import StageDir, stage_dir, write_bytes_atomic, write_manifest
 
 # The tiny preset, smaller still: these runs check mechanics, not accuracy.
@@ -27,7 +28,7 @@ FAST_PIPELINE = [
 
 # Small enough for 2 CPU cores: a quarter-width AlexNet on 64 px crops of 400 images.
 TRANSFER_FAST = [
-    "data.limit=400",  # the images real_label_clusters labels: 4 classes x 100
+    "data.limit=400",  # the images real_label_clusters labels: 10 classes x 40
     "compute.num_workers=1",
     "compute.cpus_per_worker=1",
     "transfer.width=0.25",
@@ -85,15 +86,17 @@ def random_teacher(root: str, arch: str = "alexnet", width: float = 0.25, seed: 
     return sd
 
 
-def real_label_clusters(run_root: str, sample_shards: str, classes: int = 4, per_class: int = 100) -> StageDir:
+def real_label_clusters(run_root: str, sample_shards: str, limit: int = 400) -> StageDir:
     """A cluster stage folder whose pseudo-labels are the real labels: learnable by design.
 
-    It labels the first ``classes * per_class`` train images, which the sample's class-sorted
-    shards make ``per_class`` images of each of the first ``classes`` classes: run the
-    transfer stage on it with ``data.limit=classes * per_class``.
+    It labels the train images ``data.limit=limit`` streams, ``limit / 10`` of each of the
+    sample's 10 classes (:func:`ktray.data.limited_rows`): run the transfer stage on it with
+    that limit.
     """
-    sub = load_table(sample_shards, "train", ["image_id", "label"]).slice(0, classes * per_class)
-    assert np.bincount(sub["label"].to_numpy()).tolist() == [per_class] * classes
+    train = load_table(sample_shards, "train", ["image_id", "label"])
+    sub = train.filter(pc.is_in(train["image_id"], value_set=image_ids(sample_shards, "train", limit)))
+    classes = len(np.unique(sub["label"].to_numpy()))
+    assert np.bincount(sub["label"].to_numpy()).tolist() == [limit // classes] * classes
     table = pa.table(
         {
             "image_id": sub["image_id"],
@@ -102,7 +105,7 @@ def real_label_clusters(run_root: str, sample_shards: str, classes: int = 4, per
         },
         schema=schema.with_metadata(schema.LABELS, k=classes, seed=0, features="real-labels"),
     )
-    sd = stage_dir(run_root, "cluster", {"real": classes, "n": per_class})
+    sd = stage_dir(run_root, "cluster", {"real": classes, "limit": limit})
     sd.make()
     buf = io.BytesIO()
     pq.write_table(table, buf)

@@ -24,7 +24,7 @@ from ktray import schema, transfer
 from ktray.config import load_config
 from ktray.rundir import StageDir, stage_dir, write_bytes_atomic, write_manifest
 
-N = 400  # real_label_clusters labels the first 400 train images (4 classes x 100)
+N = 400  # real_label_clusters labels the 400 train images data.limit=400 streams (10 classes x 40)
 
 
 def _with_k(table: pa.Table, k: object) -> pa.Table:
@@ -55,8 +55,8 @@ BREAKS: dict[str, tuple[Callable[[pa.Table], pa.Table], str]] = {
         "1 null image_id",
     ),
     "null cluster": (lambda t: _cluster_at(t, 5, None), "1 rows have no cluster id"),
-    "cluster above k": (lambda t: _cluster_at(t, 5, 4), "1 cluster ids outside 0..3"),
-    "negative cluster": (lambda t: _cluster_at(t, 7, -1), "1 cluster ids outside 0..3"),
+    "cluster above k": (lambda t: _cluster_at(t, 5, 10), "1 cluster ids outside 0..9"),
+    "negative cluster": (lambda t: _cluster_at(t, 7, -1), "1 cluster ids outside 0..9"),
     "no cluster column": (lambda t: t.drop_columns(["cluster"]), "missing column 'cluster'"),
     "clusters as floats": (
         lambda t: _set_column(t, "cluster", pc.cast(t["cluster"], pa.float64())), "column 'cluster' has type double"
@@ -84,7 +84,7 @@ def _labels_stage(root: str, table: pa.Table, name: str) -> StageDir:
 def test_transfer_refuses_a_broken_labels_table(name: str, sample_shards: str, run_root: str) -> None:
     good = real_label_clusters(run_root, sample_shards)
     table = pq.read_table(good.path("labels.parquet"))
-    assert schema.check_labels(table) == 4
+    assert schema.check_labels(table) == 10
     cfg = load_config("tiny", [f"root={run_root}", f"data.limit={N}"])
     transfer.output_dir(cfg, good)  # the good table passes the same boundary (checked end to end in test_transfer)
 
@@ -100,4 +100,4 @@ def test_a_good_table_passes_the_boundary(sample_shards: str, run_root: str) -> 
 
     good = real_label_clusters(run_root, sample_shards)
     table = pq.read_table(good.path("labels.parquet"))
-    assert schema.check_labels(table, image_ids(sample_shards, "train", N)) == 4
+    assert schema.check_labels(table, image_ids(sample_shards, "train", N)) == 10
