@@ -48,7 +48,7 @@ def test_val_puzzles_are_fixed_and_train_puzzles_fresh(ray_session: None, sample
     train_a = ds["train"].take_batch(16)
     train_b = ds["train"].take_batch(16)
     assert not np.array_equal(train_a["tiles"], train_b["tiles"])
-    assert ds["train"].count() == 4 * (120 - len(set(_heldout_ids(sample_shards, cfg))))
+    assert ds["train"].count() == cfg.pretext.puzzles_per_image * (120 - len(set(_heldout_ids(sample_shards, cfg))))
 
 
 def _heldout_ids(path: str, cfg: object) -> list[str]:

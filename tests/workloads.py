@@ -41,8 +41,10 @@ TRANSFER_FAST = [
 
 
 def pretext_overrides(root: str) -> list[str]:
-    """The pretext stage in about a minute on 2 cores: 10 permutations, 16 px tiles that fill their cells,
-    no foreign tiles or colour tricks (the unit tests cover those), so ~100 steps show learning."""
+    """The pretext stage in about two minutes on 2 cores: 10 permutations, 16 px tiles that fill their
+    cells, no foreign tiles or colour tricks (the unit tests cover those). 8 puzzles per image at lr 0.05
+    (~130 steps) show learning: loss 2.39 -> 2.09 over 5 epochs. With 4 at lr 0.02 the loss stayed
+    within noise of ln 10 and a "loss fell" check passed or failed by chance."""
     return [
         f"root={root}",
         "compute.device=cpu",
@@ -63,12 +65,12 @@ def pretext_overrides(root: str) -> list[str]:
         "pretext.epochs=5",
         "pretext.lr_step_epochs=10",
         "pretext.batch_size=32",
-        "pretext.lr=0.02",
+        "pretext.lr=0.05",
         "pretext.tile_dim=32",
         "pretext.hidden=64",
         "pretext.val_fraction=0.15",
         "pretext.val_puzzles=64",
-        "pretext.puzzles_per_image=4",
+        "pretext.puzzles_per_image=8",
     ]
 
 
