@@ -206,7 +206,7 @@ class DataConfig(Section):
     path: str = param("", "Directory or URI of packed image shards; empty means the bundled sample.")
     train_split: str = param("train", "Split used for training every stage.", pattern=SPLIT_NAME)
     val_split: str = param("val", "Split used only for evaluation.", pattern=SPLIT_NAME)
-    limit: int = param(0, "Use at most this many images per split (0: all). For smoke tests.", ge=0)
+    limit: int = param(0, "Use this many images per split, the classes in turn (0: all). For smoke tests.", ge=0)
     decode_batch_size: int = param(64, "Images decoded per Ray Data batch.", ge=1)
     long_tail: float = param(
         0.0,
