@@ -537,19 +537,24 @@ def split_blocks(ds: ray.data.Dataset, rows: int) -> ray.data.Dataset:
 LIMIT_ORDER = "classes-in-turn"
 
 
-def limited_rows(table: pa.Table, limit: int) -> pa.Table:
-    """The ``limit`` rows of ``table`` a limited run uses, in table order: the first image of each
-    class, then the second of each, and so on (unlabelled rows count as one class). No limit: all."""
-    if not limit or limit >= table.num_rows:
-        return table
+def limited_indices(table: pa.Table, limit: int) -> np.ndarray:
+    """Which rows of ``table`` a limited run uses, ascending: the first image of each class, then
+    the second of each, and so on (unlabelled rows count as one class). No limit: all."""
+    n = table.num_rows
+    if not limit or limit >= n:
+        return np.arange(n)
     labels = (table["label"].fill_null(-1).to_numpy(zero_copy_only=False) if "label" in table.column_names
-              else np.zeros(table.num_rows, np.int64))
+              else np.zeros(n, np.int64))
     by_class = np.argsort(labels, kind="stable")  # rows grouped by class, table order within a class
     starts = np.searchsorted(labels[by_class], labels[by_class])  # where each row's class begins
-    rank = np.empty(table.num_rows, np.int64)
-    rank[by_class] = np.arange(table.num_rows) - starts  # the row's place within its class
-    chosen = np.sort(np.lexsort((np.arange(table.num_rows), rank))[:limit])
-    return table.take(pa.array(chosen))
+    rank = np.empty(n, np.int64)
+    rank[by_class] = np.arange(n) - starts  # the row's place within its class
+    return np.sort(np.lexsort((np.arange(n), rank))[:limit])
+
+
+def limited_rows(table: pa.Table, limit: int) -> pa.Table:
+    """The rows of ``table`` a limited run uses (:func:`limited_indices`), in table order."""
+    return table if not limit or limit >= table.num_rows else table.take(pa.array(limited_indices(table, limit)))
 
 
 def image_ids(path: str, split: str | None = None, limit: int = 0) -> pa.Array:
@@ -579,10 +584,13 @@ def read_images(path: str, split: str | None = None, limit: int = 0, block_rows:
     schema.check_images(pq.read_schema(filesystem(files[0])[1], filesystem=fs))
     keep = None
     if limit:
-        keep = image_ids(path, split, limit)
-        # Only the shards that hold a kept row are read at all.
-        files = [f for f in files if pc.any(pc.is_in(
-            pq.read_table(filesystem(f)[1], filesystem=fs, columns=["image_id"])["image_id"], value_set=keep)).as_py()]
+        table = load_table(path, split, ["image_id", "label"])  # the shards in `files` order
+        rows = limited_indices(table, limit)
+        keep = table["image_id"].take(pa.array(rows)).combine_chunks()  # = image_ids(path, split, limit)
+        # Only the shards that hold a kept row are read at all (row counts from the footers).
+        ends = np.cumsum([pq.ParquetFile(filesystem(f)[1], filesystem=fs).metadata.num_rows for f in files])
+        used = set(np.searchsorted(ends, rows, side="right").tolist())
+        files = [f for i, f in enumerate(files) if i in used]
     ds = ray.data.read_parquet(files, filesystem=fs).select_columns(["image_id", "image", "label", "split"])
     if keep is not None:
         ds = ds.map_batches(_keep_ids, batch_format="pyarrow", batch_size=None, fn_kwargs={"ids": keep})
@@ -651,13 +659,17 @@ def train_ids(cfg: DataConfig) -> pa.Array:
     return keep if keep is not None else image_ids(data_path(cfg), cfg.train_split, cfg.limit)
 
 
+def limited_data_key(path: str, limit: int) -> str:
+    """:func:`data_key`, plus the rule a limited run picks its rows by (full-data keys are unchanged)."""
+    key = data_key(path)
+    return f"{key}-{LIMIT_ORDER}" if limit else key
+
+
 def data_identity(cfg: DataConfig) -> str:
     """The data key of the stages that train on ``cfg``'s train split: the shards, the rule a limited
     run picks its rows by, and the long-tailed subset when there is one (so balanced and long-tailed
     runs never share a stage folder)."""
-    key = data_key(data_path(cfg))
-    if cfg.limit:
-        key = f"{key}-{LIMIT_ORDER}"
+    key = limited_data_key(data_path(cfg), cfg.limit)
     return f"{key}-lt{cfg.long_tail:g}-s{cfg.long_tail_seed}" if long_tail_on(cfg) else key
 
 

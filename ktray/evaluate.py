@@ -495,23 +495,24 @@ def stage_config(cfg: Config, name: str) -> dict[str, Any]:
     # as its default, so asking for other rows reuses every evaluation already done (folder names
     # from before this rule stay valid).
     from ktray.config import EvaluateConfig
-    from ktray.data import LIMIT_ORDER
 
     e = {**cfg.evaluate.to_dict(), "compare_rows": list(EvaluateConfig().compare_rows)}
     return {
         "evaluate": e,
         "train_split": cfg.data.train_split,
         "val_split": cfg.data.val_split,
-        "limit": f"{cfg.data.limit}:{LIMIT_ORDER}" if cfg.data.limit else 0,  # data.limited_rows's rule
+        "limit": cfg.data.limit,
         "seed": cfg.seed,
         "name": name,
     }
 
 
 def _inputs(cfg: Config, trunk: str, labels: StageDir | None) -> list[StageDir | str]:
-    from ktray.data import data_key
+    from ktray.data import limited_data_key
 
-    inputs: list[StageDir | str] = [trunk_key(trunk, cfg.transfer.width, cfg.seed), data_key(eval_data_path(cfg))]
+    # The data with the rule a limited run picks its rows by (data.limited_rows).
+    data = limited_data_key(eval_data_path(cfg), cfg.data.limit)
+    inputs: list[StageDir | str] = [trunk_key(trunk, cfg.transfer.width, cfg.seed), data]
     return [*inputs, labels] if labels is not None else inputs
 
 

@@ -6,12 +6,11 @@ import io
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
 from ktray import schema
-from ktray.data import image_ids, load_table
+from ktray.data import limited_rows, load_table
 from ktray.rundir import StageDir, stage_dir, write_bytes_atomic, write_manifest
 
 # The tiny preset, smaller still: these runs check mechanics, not accuracy.
@@ -95,8 +94,7 @@ def real_label_clusters(run_root: str, sample_shards: str, limit: int = 400) -> 
     sample's 10 classes (:func:`ktray.data.limited_rows`): run the transfer stage on it with
     that limit.
     """
-    train = load_table(sample_shards, "train", ["image_id", "label"])
-    sub = train.filter(pc.is_in(train["image_id"], value_set=image_ids(sample_shards, "train", limit)))
+    sub = limited_rows(load_table(sample_shards, "train", ["image_id", "label"]), limit)
     classes = len(np.unique(sub["label"].to_numpy()))
     assert np.bincount(sub["label"].to_numpy()).tolist() == [limit // classes] * classes
     table = pa.table(
