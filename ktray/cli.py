@@ -16,10 +16,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ktray.config import Config, ConfigError, load_config
+from ktray.config import STAGES, Config, ConfigError, load_config
 from ktray.tracking import TrackingUnavailable
-
-STAGES = ("pretext", "embed", "cluster", "transfer", "evaluate")
 
 _CONFIG_HELP = "preset name (tiny, imagenette, imagenet) or YAML path; default: tiny"
 _EPILOG = "Overrides: key=value pairs after CONFIG, e.g. cluster.k=500 data.path=s3://bucket/shards"
@@ -39,14 +37,14 @@ def _load(items: Sequence[str]) -> Config:
 
 
 def _cmd_data_pack(args: argparse.Namespace) -> None:
-    from ktray.data import pack
+    from ktray.data.pack import pack
 
     report = pack(args.src, args.out, shard_mb=args.shard_mb, workers=args.workers)
     _print_info(report)
 
 
 def _cmd_data_info(args: argparse.Namespace) -> None:
-    from ktray.data import info
+    from ktray.data.pack import info
 
     report = info(args.path)
     if args.json:
@@ -73,7 +71,7 @@ def _print_info(report: dict) -> None:
 
 
 def _cmd_data_sample(args: argparse.Namespace) -> None:
-    from ktray.data import sample_path
+    from ktray.data.shards import sample_path
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

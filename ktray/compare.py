@@ -21,12 +21,18 @@ Markdown and CSV with a bar chart, in a ``compare-<hash>`` folder.
 
 from __future__ import annotations
 
-import io
-import math
-import time
-from typing import TYPE_CHECKING, Any
+import json
+from typing import TYPE_CHECKING
 
-from ktray.rundir import StageDir
+from ktray.artifacts import RESULTS, STUDENT, TEACHER
+from ktray.config import replace
+from ktray.data.shards import data_path
+from ktray.lifecycle import Output, StageSpec, ensure
+from ktray.models.trunks import RANDOM_PREFIX
+from ktray.plots import bar_chart
+from ktray.rundir import StageDir, read_bytes, write_bytes_atomic
+from ktray.runtime import init_ray
+from ktray.stages import cluster, embed, evaluate, hog, pretext, real_labels, transfer
 
 if TYPE_CHECKING:
     from ktray.config import Config
@@ -47,93 +53,39 @@ TABLE = "compare"  # compare.md, compare.csv, compare.png
 
 def student_teacher(cfg: Config) -> Config:
     """The config whose pretext trains the student's own architecture (rows Jigsaw++, CC+Jigsaw++)."""
-    from ktray.config import replace
-
     return replace(cfg, [f"pretext.arch={cfg.transfer.arch}", f"pretext.width={cfg.transfer.width}"])
 
 
-def supervised_labels(cfg: Config) -> StageDir:
-    """A labels table whose "clusters" are the real classes of the train split: the Supervised row's targets."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    from ktray import schema
-    from ktray.data import class_names, data_identity, data_path, limited_rows, load_table, long_tail_ids
-    from ktray.rundir import stage_dir, write_bytes_atomic, write_manifest
-
-    path = data_path(cfg.data)
-    params = {"split": cfg.data.train_split, "limit": cfg.data.limit}
-    sd = stage_dir(cfg.root, "reallabels", params, [data_identity(cfg.data)])
-    if sd.done():
-        return sd
-    sd.make()
-    t = load_table(path, cfg.data.train_split, ["image_id", "label"])
-    t = limited_rows(t, cfg.data.limit)  # the rows read_images(limit=...) streams
-    keep = long_tail_ids(cfg.data)
-    if keep is not None:  # the long-tailed subset the other rows train on
-        t = t.filter(pc.is_in(t["image_id"], value_set=keep))
-    if t["label"].null_count:
-        raise ValueError(f"the Supervised row needs real labels: {t['label'].null_count} images of split "
-                         f"{cfg.data.train_split!r} in {path} have none")
-    k = len(class_names(path)) or int(pc.max(t["label"]).as_py()) + 1
-    table = pa.table(
-        {
-            "image_id": t["image_id"],
-            "cluster": t["label"].cast(pa.int32()),
-            "distance": pa.array([0.0] * t.num_rows, pa.float32()),
-        },
-        schema=schema.with_metadata(schema.LABELS, k=k, seed=0, features="real labels"),
-    )
-    schema.check_labels(table)
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    write_bytes_atomic(sd.path("labels.parquet"), buf.getvalue())
-    write_manifest(sd, config=params, inputs=[data_identity(cfg.data)], files=["labels.parquet"],
-                   metrics={"summary": {"k": float(k), "images": float(t.num_rows)}, "history": []})
-    return sd
-
-
 def _transfer_and_evaluate(cfg: Config, labels: StageDir, name: str, nmi: bool = True) -> StageDir:
-    from ktray import evaluate, transfer
-
     student = transfer.run(cfg, labels)
-    return evaluate.run(cfg, student.path(transfer.STUDENT), labels if nmi else None, name=name)
+    return evaluate.run(cfg, student.path(STUDENT), labels if nmi else None, name=name)
 
 
 def _cluster(cfg: Config, features: StageDir) -> StageDir:
-    from ktray import kmeans
-    from ktray.data import data_path
-
-    return kmeans.run(cfg, features, images=data_path(cfg.data))
+    return cluster.run(cfg, features, images=data_path(cfg.data))
 
 
 def row(cfg: Config, key: str) -> StageDir:
     """Compute (or find done) the evaluate stage of one row."""
-    from ktray import embed, evaluate, hog, pretext
-    from ktray.config import replace
-
     # Each row names its own methods: a config that says isd or distill does not change the others.
     jig = replace(cfg, ["pretext.method=jigsaw", "transfer.method=cluster"])
     isd = replace(jig, ["pretext.method=isd"])
     t = cfg.transfer
     if key == "isd":
-        small = student_teacher(isd)
-        return evaluate.run(cfg, pretext.run(small).path(pretext.TEACHER), name=ROWS[key])
+        return evaluate.run(cfg, pretext.run(student_teacher(isd)).path(TEACHER), name=ROWS[key])
     if key == "cc_isd":
         return _transfer_and_evaluate(isd, _cluster(isd, embed.run(isd, pretext.run(isd))), ROWS[key])
     if key == "distill_deep":
         distill = replace(jig, ["transfer.method=distill"])
-        features = embed.run(jig, pretext.run(jig))
-        return _transfer_and_evaluate(distill, features, ROWS[key], nmi=False)
+        return _transfer_and_evaluate(distill, embed.run(jig, pretext.run(jig)), ROWS[key], nmi=False)
     cfg = jig
     if key == "random":
-        return evaluate.run(cfg, f"{evaluate.RANDOM_PREFIX}{t.arch}:{t.width:g}", name=ROWS[key])
+        return evaluate.run(cfg, f"{RANDOM_PREFIX}{t.arch}:{t.width:g}", name=ROWS[key])
     if key in ("jigsaw", "cc_jigsaw"):
         small = student_teacher(cfg)
         teacher = pretext.run(small)
         if key == "jigsaw":
-            return evaluate.run(cfg, teacher.path(pretext.TEACHER), name=ROWS[key])
+            return evaluate.run(cfg, teacher.path(TEACHER), name=ROWS[key])
         return _transfer_and_evaluate(cfg, _cluster(cfg, embed.run(small, teacher)), ROWS[key])
     if key == "cc_deep":
         return _transfer_and_evaluate(cfg, _cluster(cfg, embed.run(cfg, pretext.run(cfg))), ROWS[key])
@@ -141,60 +93,21 @@ def row(cfg: Config, key: str) -> StageDir:
         return _transfer_and_evaluate(cfg, _cluster(cfg, hog.run(cfg)), ROWS[key])
     if key == "supervised":
         # NMI of the real labels against themselves is 1 by definition: not worth a column entry.
-        return _transfer_and_evaluate(cfg, supervised_labels(cfg), ROWS[key], nmi=False)
+        return _transfer_and_evaluate(cfg, real_labels.run(cfg), ROWS[key], nmi=False)
     raise ValueError(f"unknown compare row {key!r}; rows: {', '.join(ROWS)}")
 
 
-def bar_chart(rows: list[dict[str, Any]], columns: list[str], uri: str) -> None:
-    """Grouped bars: one group per tap (and kNN, few-shot), one bar per row."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from ktray.rundir import write_bytes_atomic
-
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(columns) + 2), 4.2))
-    width = 0.8 / max(len(rows), 1)
-    xs = np.arange(len(columns))
-    for i, r in enumerate(rows):
-        vals = [100 * r[c] if not math.isnan(r[c]) else 0.0 for c in columns]
-        ax.bar(xs - 0.4 + width * (i + 0.5), vals, width, label=r["name"])
-    ax.set_xticks(xs, columns)
-    ax.set_ylabel("top-1 (%)")
-    ax.set_title("linear probe per tap, kNN and 5-way 5-shot (val split)")
-    ax.legend(fontsize=8, ncol=2)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    write_bytes_atomic(uri, buf.getvalue())
+def table_spec(cfg: Config, evaluated: dict[str, StageDir]) -> StageSpec:
+    """The table of the rows ``evaluated`` (row key -> evaluate stage), in a ``compare-<hash>`` folder."""
+    return StageSpec("compare", cfg, {"rows": list(evaluated)}, list(evaluated.values()), write_table,
+                     args=(evaluated,), needs_ray=False)
 
 
-def run(cfg: Config) -> StageDir:
-    """Every row of ``evaluate.compare_rows``; the table in a ``compare-<hash>`` folder."""
-    import json
-
-    from ktray import evaluate
-    from ktray.pipeline import init_ray
-    from ktray.rundir import read_bytes, stage_dir, write_bytes_atomic, write_manifest
-
-    init_ray()  # the job's cluster (RAY_ADDRESS) or a local one
-    started = time.time()
-    keys = list(cfg.evaluate.compare_rows)
-    evaluated = {}
-    for key in keys:
-        print(f"compare: row {ROWS[key]}", flush=True)
-        evaluated[key] = row(cfg, key)
-    sd = stage_dir(cfg.root, "compare", {"rows": keys}, list(evaluated.values()))
-    if sd.done():
-        print(read_bytes(sd.path(f"{TABLE}.md")).decode())
-        return sd
-    sd.make()
+def write_table(cfg: Config, sd: StageDir, evaluated: dict[str, StageDir]) -> Output:
+    """``compare.md``, ``compare.csv`` and ``compare.png`` from the rows' ``results.json``."""
+    keys = list(evaluated)
     taps = tuple(cfg.evaluate.taps)
-    results = {k: json.loads(read_bytes(e.path(f"{evaluate.RESULTS}.json"))) for k, e in evaluated.items()}
+    results = {k: json.loads(read_bytes(e.path(f"{RESULTS}.json"))) for k, e in evaluated.items()}
     rows = [evaluate.result_row(results[k], taps) for k in keys]
     table = evaluate.format_markdown(rows, taps)
     chance = next(iter(results.values()))["chance"]
@@ -206,14 +119,17 @@ def run(cfg: Config) -> StageDir:
     write_bytes_atomic(sd.path(f"{TABLE}.csv"), evaluate.format_csv(rows).encode())
     bar_chart(rows, [*taps, "knn", "fewshot"], sd.path(f"{TABLE}.png"))
     summary = {f"{k}_{t}": float(r[t]) for k, r in zip(keys, rows, strict=True) for t in taps}
-    write_manifest(
-        sd,
-        config={"rows": keys},
-        inputs=list(evaluated.values()),
-        files=[f"{TABLE}.md", f"{TABLE}.csv", f"{TABLE}.png"],
-        metrics={"summary": summary, "history": []},
-        started=started,
-    )
-    print(table + note, flush=True)
+    return Output([f"{TABLE}.md", f"{TABLE}.csv", f"{TABLE}.png"], summary)
+
+
+def run(cfg: Config) -> StageDir:
+    """Every row of ``evaluate.compare_rows``; the table in a ``compare-<hash>`` folder."""
+    init_ray()  # the job's cluster (RAY_ADDRESS) or a local one
+    evaluated = {}
+    for key in cfg.evaluate.compare_rows:
+        print(f"compare: row {ROWS[key]}", flush=True)
+        evaluated[key] = row(cfg, key)
+    sd = ensure(table_spec(cfg, evaluated))
+    print(read_bytes(sd.path(f"{TABLE}.md")).decode(), flush=True)
     print(f"compare: {sd.uri}", flush=True)
     return sd

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
+STAGES = ("pretext", "embed", "cluster", "transfer", "evaluate")  # the pipeline's stages in order
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 

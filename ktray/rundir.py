@@ -112,6 +112,17 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
             f.write(data)
 
 
+def write_npy(uri: str, arr: Any) -> None:
+    """``arr`` as a ``.npy`` file (no pickles), written atomically."""
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(arr), allow_pickle=False)
+    write_bytes_atomic(uri, buf.getvalue())
+
+
 def package_versions() -> dict[str, str]:
     out = {}
     for name in _VERSIONED:

@@ -132,3 +132,10 @@ def check_labels(table: pa.Table, image_ids: pa.Array | pa.ChunkedArray | None =
         if extra:
             raise SchemaError(f"labels table: {len(extra)} image_ids are not in the images, e.g. {sorted(extra)[:3]}")
     return k
+
+
+def features_to_numpy(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A ``fixed_size_list<float32>[d]`` column as a float32 (N, d) matrix."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    d = arr.type.list_size
+    return arr.flatten().to_numpy(zero_copy_only=False).reshape(-1, d).astype(np.float32, copy=False)

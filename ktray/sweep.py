@@ -16,8 +16,11 @@ import time
 from typing import Any
 
 from ktray.config import Config, replace
-from ktray.pipeline import init_ray, run_stages
+from ktray.pipeline import run_stages
+from ktray.plots import sweep_chart
 from ktray.rundir import config_hash, filesystem, join, write_bytes_atomic
+from ktray.runtime import init_ray
+from ktray.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +39,6 @@ def trial_config(cfg: Config, k: int, max_foreign: int) -> Config:
 def run_trial(params: dict[str, Any]) -> None:
     """Tune's driver function: one pipeline run for one (k, max_foreign)."""
     from ray import tune
-
-    from ktray.tracking import Tracker
 
     base = Config.from_dict(params["base"])
     cfg = trial_config(base, params["k"], params["max_foreign"])
@@ -103,7 +104,7 @@ def run(cfg: Config) -> list[dict[str, Any]]:
     table = format_rows(rows, cfg.sweep.metric)
     write_bytes_atomic(join(out_uri, "results.md"), (table + "\n").encode())
     write_bytes_atomic(join(out_uri, "results.json"), json.dumps({"rows": rows, "best": best}, indent=2).encode())
-    plot(rows, join(out_uri, "accuracy_vs_k.png"), cfg.sweep.metric)
+    sweep_chart(rows, join(out_uri, "accuracy_vs_k.png"), cfg.sweep.metric)
     print(table)
     print(f"\nbest: k={best['k']}, max_foreign={best['max_foreign']} ({cfg.sweep.metric} {best['objective']:.4f})")
     print(f"sweep of {len(rows)} trials in {time.time() - t0:.0f} s; results in {out_uri}")
@@ -117,28 +118,3 @@ def format_rows(rows: list[dict[str, Any]], metric: str) -> str:
         knn = "" if r["knn_top1"] is None else f"{r['knn_top1']:.4f}"
         lines.append(f"| {r['max_foreign']} | {r['k']} | {r['objective']:.4f} | {knn} | {nmi} |")
     return "\n".join(lines)
-
-
-def plot(rows: list[dict[str, Any]], uri: str, metric: str) -> None:
-    """Accuracy against k, one line per max_foreign."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for mf in sorted({r["max_foreign"] for r in rows}):
-        pts = sorted((r["k"], r["objective"]) for r in rows if r["max_foreign"] == mf)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"max_foreign={mf}")
-    ax.set_xscale("log")
-    ax.set_xlabel("k (clusters)")
-    ax.set_ylabel(metric)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    write_bytes_atomic(uri, buf.getvalue())

@@ -14,8 +14,7 @@ functions or ``functools.partial``), because it travels to the workers as their 
   workers, and a checkpoint (model, optimizer, schedule, history) reported from rank 0;
 - the checkpoints live in ``RunConfig(storage_path, name)`` = the stage's own folder, so running
   the same stage again after a crash finds the run's snapshot there and resumes from
-  ``ray.train.get_checkpoint()`` at the next epoch (Train V2's way to resume; ``Trainer.restore``
-  is gone).
+  ``ray.train.get_checkpoint()`` at the next epoch (Train V2's way to resume).
 """
 
 from __future__ import annotations
@@ -29,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ktray.runtime import resolve_device
+
 if TYPE_CHECKING:
     import ray.data
     import torch
@@ -37,7 +38,10 @@ if TYPE_CHECKING:
     from ktray.config import ComputeConfig
     from ktray.rundir import StageDir
 
+
 STATE_FILE = "state.pt"
+
+
 META_FILE = "meta.json"
 
 
@@ -49,7 +53,9 @@ class TrainTask:
     worker). ``batch_fn(batch, device)`` turns a dict of tensors from ``iter_torch_batches`` into
     ``(inputs, targets)`` on ``device``. ``loss_fn(outputs, targets)`` is a scalar loss;
     accuracy is ``argmax(outputs) == targets``. ``batch_size`` counts samples per optimizer step
-    over all workers; ``unit`` names a sample in the metrics (``puzzles_per_s``).
+    over all workers; ``unit`` names a sample in the metrics (``puzzles_per_s``). A model with an
+    ``after_step()`` method (an EMA teacher, a queue of anchors) has it called after every
+    optimizer step.
     """
 
     build_model: Callable[[], nn.Module]
@@ -69,7 +75,6 @@ class TrainTask:
     # Hooks for methods that are not plain classification (ISD, similarity distillation):
     forward_targets: bool = False  # call model(inputs, targets): the targets feed the forward (teacher features)
     acc_fn: Callable[[Tensor, Tensor], Tensor] | None = None  # (outputs, targets) -> correct count; None: argmax
-    after_step: Callable[[nn.Module], None] | None = None  # on the unwrapped model after each step (EMA, queue)
     broadcast_buffers: bool = True  # DDP re-broadcasts buffers every step; False for a large queue buffer
 
 
@@ -99,17 +104,9 @@ class TrainResult:
     def summary(self) -> dict[str, float]:
         return dict(self.history[-1]) if self.history else {}
 
-
-# --------------------------------------------------------------------------- driver side
-
-
-def use_gpu(compute: ComputeConfig) -> bool:
-    """``auto``: GPUs when the Ray cluster has any; ``cuda`` / ``cpu`` force it."""
-    import ray
-
-    if compute.device == "auto":
-        return ray.cluster_resources().get("GPU", 0) > 0
-    return compute.device == "cuda"
+    def history_rows(self) -> list[dict[str, float]]:
+        """The per-epoch history as manifest rows: ``step`` is the epoch."""
+        return [{"step": int(h["epoch"]), **{k: v for k, v in h.items() if k != "epoch"}} for h in self.history]
 
 
 def fit(
@@ -133,7 +130,7 @@ def fit(
 
     pinned = {"env_vars": {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}}
     runner = ray.remote(num_cpus=0, max_retries=0)(_fit).options(runtime_env=pinned)
-    return ray.get(runner.remote(task, datasets, compute, sd, use_gpu(compute)))
+    return ray.get(runner.remote(task, datasets, compute, sd, resolve_device(compute.device) == "cuda"))
 
 
 def _fit(
@@ -189,9 +186,6 @@ def read_checkpoint(checkpoint: Any) -> TrainResult:
     )
 
 
-# --------------------------------------------------------------------------- worker side
-
-
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
@@ -245,6 +239,7 @@ def _train_loop(config: dict[str, Any]) -> None:
             model, device_ids=[device.index] if cuda else None, broadcast_buffers=task.broadcast_buffers
         )
 
+    after_step = getattr(_unwrap(model), "after_step", None)
     train_shard = ray.train.get_dataset_shard("train")
     # Train V2 raises KeyError for a dataset that was not passed (ISD and distill have no val set).
     val_shard = ray.train.get_dataset_shard("val") if config.get("has_val", True) else None
@@ -278,8 +273,8 @@ def _train_loop(config: dict[str, Any]) -> None:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            if task.after_step is not None:
-                task.after_step(_unwrap(model))
+            if after_step is not None:
+                after_step()  # the model's own per-step update (an EMA teacher, a queue)
             n = y.shape[0]
             sums[0] += loss.detach().double() * n
             sums[1] += _correct(task, out.detach(), y)

@@ -1,4 +1,4 @@
-"""Distributed Lloyd k-means over Ray actors, with faiss doing the nearest-centroid search.
+"""Lloyd k-means as map-reduce steps, with faiss doing the nearest-centroid search (no Ray here).
 
 The cluster stage of the paper (Noroozi et al. 2018, Sec. 3: "we cluster the conv4
 features of the teacher with k-means, k = 2000") turns the teacher's features into
@@ -13,9 +13,10 @@ and each Lloyd iteration is a map-reduce over them::
     S = S_0 + S_1 + ...  (fixed actor order)◄──────────
     C_{t+1} = S / n, then split empty clusters (faiss's rule, seeded RNG on the driver)
 
-Everything numeric is a plain function below (:func:`assign`, :func:`partial_stats`,
+Everything numeric is a plain function here (:func:`assign`, :func:`partial_stats`,
 :func:`update_centroids`, :func:`split_empty_clusters`, :func:`lloyd`) that a unit test
-calls without Ray; Ray sits in :class:`KMeansShard` and :func:`distributed_lloyd`.
+calls without Ray; the actors (``KMeansShard``, ``distributed_lloyd``) are the cluster
+stage's, in ``ktray.stages.cluster``.
 
 Conventions (faiss's, so the numbers compare):
 
@@ -32,37 +33,29 @@ Conventions (faiss's, so the numbers compare):
 
 from __future__ import annotations
 
-import io
-import json
-import logging
-import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ktray import metrics, schema
-from ktray.rundir import StageDir, filesystem, stage_dir, write_bytes_atomic, write_manifest
-
-if TYPE_CHECKING:
-
-    from ktray.config import Config
-
-log = logging.getLogger(__name__)
+from ktray import schema
+from ktray.rundir import filesystem
+from ktray.schema import features_to_numpy
 
 # faiss Clustering.cpp: "a bit above machine epsilon for float16".
 SPLIT_EPS = 1.0 / 1024.0
+
+
 # faiss warns below this many training points per centroid.
 MIN_POINTS_PER_CENTROID = 39
+
+
 # Rows per search/accumulate call: bounds the float64 copy made for the sums.
 CHUNK_ROWS = 65536
-
-
-# --------------------------------------------------------------------------- search
 
 
 class TorchFlatIndex:
@@ -169,9 +162,6 @@ def _index_centroids(index: Any) -> np.ndarray:
     import faiss
 
     return faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d).copy()
-
-
-# --------------------------------------------------------------------------- statistics
 
 
 @dataclass
@@ -289,9 +279,6 @@ def split_rng(seed: int) -> np.random.Generator:
     return np.random.default_rng([seed, 3])
 
 
-# --------------------------------------------------------------------------- initialisation
-
-
 def train_rows(n: int, k: int, seed: int, max_points_per_centroid: int) -> np.ndarray | None:
     """Global indices of the rows k-means trains on (sorted), or None for all of them.
 
@@ -327,9 +314,6 @@ def init_centroids(rows: np.ndarray, k: int, seed: int, init: str = "random") ->
 
     centers, _ = kmeans_plusplus(rows, k, random_state=seed)
     return as_rows(centers)
-
-
-# --------------------------------------------------------------------------- reference
 
 
 @dataclass
@@ -388,9 +372,6 @@ def _record(result: KMeansResult, it: int, niter: int, obj: float, nsplit: int, 
               flush=True)
 
 
-# --------------------------------------------------------------------------- Ray actors
-
-
 @dataclass(frozen=True)
 class Piece:
     """Rows [start, stop) of one features Parquet file."""
@@ -421,13 +402,6 @@ def plan_partitions(files: Sequence[tuple[str, int]], num_parts: int) -> list[li
     return parts
 
 
-def features_to_numpy(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """A ``fixed_size_list<float32>[d]`` column as a float32 (N, d) matrix."""
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    d = arr.type.list_size
-    return arr.flatten().to_numpy(zero_copy_only=False).reshape(-1, d).astype(np.float32, copy=False)
-
-
 def load_pieces(pieces: Sequence[Piece]) -> tuple[np.ndarray, pa.ChunkedArray]:
     """Read the rows of ``pieces``: features (N, d) float32 and image ids (Arrow strings, compact)."""
     xs, ids = [], []
@@ -442,367 +416,9 @@ def load_pieces(pieces: Sequence[Piece]) -> tuple[np.ndarray, pa.ChunkedArray]:
     return as_rows(np.concatenate(xs)), pa.chunked_array(ids, pa.string())
 
 
-class KMeansShard:
-    """A Ray actor holding one partition of the feature rows (wrap with ``ray.remote``).
-
-    The partition is loaded in ``__init__`` from its Parquet pieces (or an object-store
-    array), so when Ray restarts a dead actor (``max_restarts``) it reloads the same rows;
-    every method is a pure function of its arguments and the partition, so a retried call
-    (``max_task_retries``) returns the same answer.
-    """
-
-    def __init__(
-        self,
-        source: Sequence[Piece] | np.ndarray,
-        train_local: np.ndarray | None = None,
-        *,
-        device: str = "cpu",
-        spherical: bool = False,
-        threads: int = 0,
-        ids: Sequence[str] | None = None,
-    ):
-        import faiss
-
-        if threads > 0:
-            faiss.omp_set_num_threads(threads)
-        if isinstance(source, np.ndarray):
-            self.x = as_rows(source)
-            names = list(ids) if ids is not None else [str(i) for i in range(len(self.x))]
-            self.ids = pa.chunked_array([pa.array(names, pa.string())])
-        else:
-            self.x, self.ids = load_pieces(source)
-        self.train = self.x if train_local is None else self.x[train_local]
-        self.device = device
-        self.spherical = spherical
-        self.gpu_res = faiss.StandardGpuResources() if device == "cuda" and faiss.get_num_gpus() > 0 else None
-
-    def info(self) -> dict[str, Any]:
-        return {"rows": len(self.x), "train_rows": len(self.train), "dim": int(self.x.shape[1])}
-
-    def rows(self, local_train_idx: np.ndarray) -> np.ndarray:
-        """Training rows by local index (initialisation)."""
-        return self.train[local_train_idx]
-
-    def stats(self, centroids: np.ndarray) -> Stats:
-        """This partition's share of one Lloyd step over its training rows."""
-        index = make_index(centroids, spherical=self.spherical, device=self.device, gpu_res=self.gpu_res)
-        stats, _, _ = partial_stats(self.train, centroids, index=index, spherical=self.spherical)
-        return stats
-
-    def assign_all(self, centroids: np.ndarray) -> pa.Table:
-        """Every row of the partition against the final centroids: a labels table slice."""
-        index = make_index(centroids, spherical=self.spherical, device=self.device, gpu_res=self.gpu_res)
-        labels, dist = assign(index, self.x, spherical=self.spherical, centroids=as_rows(centroids))
-        return pa.table(
-            {"image_id": self.ids, "cluster": labels.astype(np.int32), "distance": dist},
-            schema=schema.LABELS,
-        )
-
-
-def remote_shard_class(max_restarts: int = 3) -> Any:
-    import ray
-
-    return ray.remote(max_restarts=max_restarts, max_task_retries=max_restarts)(KMeansShard)
-
-
-def _locate(global_idx: np.ndarray, part_sizes: Sequence[int]) -> list[tuple[int, np.ndarray, np.ndarray]]:
-    """Map global training-row indices to (part, positions in global_idx, local indices)."""
-    bounds = np.concatenate([[0], np.cumsum(part_sizes)])
-    part = np.searchsorted(bounds, global_idx, side="right") - 1
-    out = []
-    for p in range(len(part_sizes)):
-        pos = np.flatnonzero(part == p)
-        if len(pos):
-            out.append((p, pos, global_idx[pos] - bounds[p]))
-    return out
-
-
-def distributed_lloyd(
-    actors: Sequence[Any],
-    k: int,
-    niter: int,
-    *,
-    seed: int = 1234,
-    init: str = "random",
-    init_sample: int = 0,
-    centroids: np.ndarray | None = None,
-    spherical: bool = False,
-    on_iter: Callable[[int, float, int, float], None] | None = None,
-    verbose: bool = False,
-) -> KMeansResult:
-    """Lloyd iterations over ``actors`` (handles of :class:`KMeansShard`), reduced on the driver.
-
-    Does not run the final assignment (see :func:`assign_all`), so the caller decides where
-    the labels go.
-    """
-    import ray
-
-    infos = ray.get([a.info.remote() for a in actors])
-    train_sizes = [i["train_rows"] for i in infos]
-    n_train = sum(train_sizes)
-    if centroids is None:
-        idx = init_rows(n_train, k, seed, init, init_sample)
-        d = infos[0]["dim"]
-        rows = np.empty((len(idx), d), np.float32)
-        located = _locate(idx, train_sizes)
-        fetched = ray.get([actors[p].rows.remote(local) for p, _, local in located])
-        for (_, pos, _), got in zip(located, fetched):
-            rows[pos] = got
-        centroids = init_centroids(rows, k, seed, init)
-    c = as_rows(centroids).copy()
-    rng = split_rng(seed)
-    result = KMeansResult(c, [], [], n_train=n_train)
-    for it in range(niter):
-        t0 = time.perf_counter()
-        ref = ray.put(c)  # one broadcast per iteration through the object store
-        parts = ray.get([a.stats.remote(ref) for a in actors])  # list order = actor order
-        total = reduce_stats(parts)
-        c = update_centroids(total.sums, total.counts, c, spherical=spherical)
-        c, _, nsplit = split_empty_clusters(c, total.counts, rng, n=n_train)
-        dt = time.perf_counter() - t0
-        metrics.record_kmeans(it, total.objective, nsplit, sizes=total.counts)
-        _record(result, it, niter, total.objective, nsplit, dt, verbose)
-        if on_iter is not None:
-            on_iter(it, total.objective, nsplit, dt)
-    result.centroids = c
-    return result
-
-
-def start_shards(
-    sources: Sequence[Sequence[Piece] | np.ndarray],
-    train_local: Sequence[np.ndarray | None],
-    *,
-    device: str = "cpu",
-    spherical: bool = False,
-    cpus_per_actor: float = 1,
-    ids: Sequence[Sequence[str] | None] | None = None,
-    max_restarts: int = 3,
-) -> list[Any]:
-    """One :class:`KMeansShard` actor per source, one GPU each when ``device == 'cuda'``."""
-    cls = remote_shard_class(max_restarts)
-    group = []
-    for i, src in enumerate(sources):
-        group.append(
-            # DEFAULT scheduling: outside any placement group the caller runs in (a Tune
-            # trial's), whose bundles hold no CPU for the actors.
-            cls.options(num_cpus=cpus_per_actor, num_gpus=1 if device == "cuda" else 0,
-                        scheduling_strategy="DEFAULT").remote(
-                src,
-                train_local[i],
-                device=device,
-                spherical=spherical,
-                threads=max(1, int(cpus_per_actor)),
-                ids=None if ids is None else ids[i],
-            )
-        )
-    return group
-
-
-def assign_all(actors: Sequence[Any], centroids: np.ndarray) -> pa.Table:
-    """The labels table of every row held by ``actors``, in partition order."""
-    import ray
-
-    ref = ray.put(as_rows(centroids))
-    return pa.concat_tables(ray.get([a.assign_all.remote(ref) for a in actors]))
-
-
-def stop_shards(actors: Sequence[Any]) -> None:
-    import ray
-
-    for a in actors:
-        ray.kill(a, no_restart=True)
-
-
-# --------------------------------------------------------------------------- stage
-
-
-def feature_files(features: StageDir) -> list[tuple[str, int]]:
-    """The features Parquet files of an embed stage, sorted, with their row counts."""
-    fs, base = filesystem(features.path("features"))
-    infos = fs.get_file_info(pa.fs.FileSelector(base, allow_not_found=True))
-    paths = sorted(i.path for i in infos if i.type == pa.fs.FileType.File and i.base_name.endswith(".parquet"))
-    if not paths:
-        raise FileNotFoundError(f"{features.path('features')}: no features Parquet files")
-    prefix = features.uri.split("://", 1)[0] + "://" if "://" in features.uri else ""
-    return [(prefix + p, pq.ParquetFile(p, filesystem=fs).metadata.num_rows) for p in paths]
-
-
-def resolve_device(cfg_device: str) -> str:
-    """``auto`` -> ``cuda`` when the Ray cluster has GPUs, else ``cpu``."""
-    if cfg_device != "auto":
-        return cfg_device
-    import ray
-
-    return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
-
-
 def size_histogram(counts: np.ndarray, bins: int = 20) -> dict[str, list[float]]:
     """Histogram of cluster sizes on log-spaced bins (sizes span orders of magnitude)."""
     hi = max(int(counts.max()), 1)
     edges = np.unique(np.round(np.geomspace(1, hi + 1, bins + 1)).astype(np.int64))
     hist, _ = np.histogram(counts, bins=np.concatenate([[0], edges]))
     return {"edges": [0, *edges.tolist()], "counts": hist.tolist()}
-
-
-def label_agreement(labels: pa.Table, images: str) -> dict[str, float]:
-    """NMI and ARI of the clusters against the images' real labels (labelled rows only)."""
-    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
-
-    from ktray.data import load_table
-
-    truth = load_table(images, columns=["image_id", "label"])
-    joined = labels.select(["image_id", "cluster"]).join(truth, "image_id", join_type="inner")
-    joined = joined.filter(pa.compute.is_valid(joined["label"]))
-    if joined.num_rows == 0:
-        return {}
-    y = joined["label"].to_numpy()
-    c = joined["cluster"].to_numpy()
-    return {
-        "nmi": float(normalized_mutual_info_score(y, c)),
-        "ari": float(adjusted_rand_score(y, c)),
-        "labelled_rows": float(joined.num_rows),
-    }
-
-
-def _save_npy(uri: str, arr: np.ndarray) -> None:
-    buf = io.BytesIO()
-    np.save(buf, arr)
-    write_bytes_atomic(uri, buf.getvalue())
-
-
-def _inputs(features: StageDir, images: str | None) -> list[StageDir | str]:
-    if images is None:
-        return [features]
-    from ktray.data import data_key
-
-    return [features, data_key(images)]
-
-
-def output_dir(cfg: Config, features: StageDir, images: str | None = None) -> StageDir:
-    """Where :func:`run` writes for this config and these inputs (the compute device is not part of it)."""
-    return stage_dir(cfg.root, "cluster", cfg.cluster.to_dict(), _inputs(features, images))
-
-
-def run(cfg: Config, features: StageDir, images: str | None = None) -> StageDir:
-    """The cluster stage: k-means on the features of ``features``; labels, centroids, plots.
-
-    ``images`` (a shard directory) adds the NMI/ARI against real labels and the gallery.
-    """
-    import ray
-
-    from ktray import gallery
-
-    c = cfg.cluster
-    inputs = _inputs(features, images)
-    sd = output_dir(cfg, features, images)
-    if sd.done():
-        return sd
-    started = time.time()
-    sd.make()
-    from ktray.pipeline import init_ray
-
-    init_ray()  # the job's cluster (RAY_ADDRESS) or a local one
-
-    files = feature_files(features)
-    fs0, p0 = filesystem(files[0][0])
-    dim = schema.feature_dim(pq.read_schema(p0, filesystem=fs0))
-    n = sum(r for _, r in files)
-    device = resolve_device(cfg.compute.device)
-    num_actors = min(c.num_actors, n)
-    if device == "cuda":  # one GPU per actor: more actors than GPUs would wait forever
-        num_actors = max(1, min(num_actors, int(ray.cluster_resources().get("GPU", 0))))
-    parts = plan_partitions(files, num_actors)
-    part_rows = [sum(p.stop - p.start for p in part) for part in parts]
-    sub = train_rows(n, c.k, c.seed, c.max_points_per_centroid)
-    bounds = np.concatenate([[0], np.cumsum(part_rows)])
-    train_local = [
-        None if sub is None else sub[(sub >= bounds[i]) & (sub < bounds[i + 1])] - bounds[i]
-        for i in range(num_actors)
-    ]
-    n_train = n if sub is None else len(sub)
-    if n_train < MIN_POINTS_PER_CENTROID * c.k:
-        log.warning("k-means: %d training rows for k=%d is below faiss's %d per centroid", n_train, c.k,
-                    MIN_POINTS_PER_CENTROID)
-    print(f"cluster: {n} rows x {dim} dims, k={c.k}, training on {n_train} rows, "
-          f"{num_actors} actor(s) on {device}", flush=True)
-
-    # Never ask for more CPUs than the cluster has: the actors would wait forever.
-    cpus = min(float(c.cpus_per_actor), ray.cluster_resources().get("CPU", 1) / num_actors)
-    actors = start_shards(parts, train_local, device=device, spherical=c.spherical, cpus_per_actor=cpus)
-    try:
-        result = distributed_lloyd(actors, c.k, c.niter, seed=c.seed, init=c.init, init_sample=c.init_sample,
-                                   spherical=c.spherical, verbose=True)
-        table = assign_all(actors, result.centroids)
-    finally:
-        stop_shards(actors)
-
-    table = table.cast(schema.with_metadata(
-        schema.LABELS, k=c.k, seed=c.seed, features=features.name, niter=c.niter, dim=dim,
-    ))
-    schema.check_labels(table)
-    sizes = np.bincount(table["cluster"].to_numpy(), minlength=c.k)
-    fs, path = filesystem(sd.path("labels.parquet"))
-    pq.write_table(table, path, filesystem=fs)
-    metrics.record_rows("cluster", table.num_rows)
-    _save_npy(sd.path("centroids.npy"), result.centroids)
-
-    agreement = label_agreement(table, images) if images is not None else {}
-    stats = {
-        "objective": result.objective,
-        "splits": result.splits,
-        "seconds": result.seconds,
-        "size_histogram": size_histogram(sizes),
-        "sizes": sizes.tolist(),
-        **agreement,
-    }
-    write_bytes_atomic(sd.path("stats.json"), json.dumps(stats, indent=1).encode())
-
-    files_out = ["labels.parquet", "centroids.npy", "stats.json", "objective.png", "sizes.png"]
-    gallery.objective_png(sd.path("objective.png"), result.objective)
-    gallery.sizes_png(sd.path("sizes.png"), sizes)
-    if images is not None and c.gallery_clusters > 0:
-        gallery.cluster_gallery_png(sd.path("gallery.png"), table, images, n_clusters=c.gallery_clusters,
-                                    per_row=c.gallery_images, seed=c.seed)
-        files_out.append("gallery.png")
-
-    summary = {
-        "objective": result.objective[-1],
-        "empty_splits": float(sum(result.splits)),
-        "empty_clusters_final": float(np.sum(sizes == 0)),
-        "cluster_size_min": float(sizes.min()),
-        "cluster_size_median": float(np.median(sizes)),
-        "cluster_size_max": float(sizes.max()),
-        "seconds_per_iter": float(np.mean(result.seconds)),
-        "rows": float(n),
-        "train_rows": float(n_train),
-        **{key: v for key, v in agreement.items() if not math.isnan(v)},
-    }
-    history = [
-        {"step": i, "objective": o, "splits": float(s), "seconds": t}
-        for i, (o, s, t) in enumerate(zip(result.objective, result.splits, result.seconds))
-    ]
-    print("cluster: " + ", ".join(f"{key} {v:.4g}" for key, v in summary.items()), flush=True)
-    write_manifest(sd, config=c.to_dict(), inputs=inputs, files=files_out,
-                   metrics={"summary": summary, "history": history}, started=started)
-    return sd
-
-
-__all__ = [
-    "KMeansResult",
-    "KMeansShard",
-    "Piece",
-    "Stats",
-    "assign",
-    "assign_all",
-    "distributed_lloyd",
-    "lloyd",
-    "make_index",
-    "output_dir",
-    "partial_stats",
-    "plan_partitions",
-    "reduce_stats",
-    "run",
-    "split_empty_clusters",
-    "start_shards",
-    "update_centroids",
-]

@@ -22,24 +22,20 @@ shuffled across workers (MoCo's shuffle BN, against a batch-statistics shortcut)
 teacher, the queue and its pointer are registered parameters/buffers, so the harness's
 checkpoint holds them and a resumed run continues exactly.
 
-Everything here is plain torch / numpy; Ray stays in ``ktray.pretext`` and ``ktray.transfer``.
+Everything here is plain torch; Ray stays in ``ktray.methods.isd`` and ``ktray.methods.distill``.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from ktray.models import Trunk
-
-
-# --------------------------------------------------------------------------- pure pieces
+from ktray.models.heads import FC_ARCHS, Projected, mlp
+from ktray.models.trunks import Trunk, build_trunk
 
 
 @torch.no_grad()
@@ -128,43 +124,34 @@ def _shared_permutation(n: int, device: torch.device) -> Tensor:
     return perm
 
 
-def mlp(din: int, hidden: int, dout: int) -> nn.Sequential:
-    """The projection / prediction MLP of MoCo v2, BYOL and ISD: fc-bn-relu-fc."""
-    from ktray.models import _init
+class QueuedNet(nn.Module):
+    """A model with a FIFO queue of unit-norm anchors ``queue`` (K, d) and its pointer ``ptr``.
 
-    head = nn.Sequential(nn.Linear(din, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-                         nn.Linear(hidden, dout))
-    _init(head)
-    return head
+    The forward stages the step's keys (:meth:`stage`); the harness calls :meth:`after_step`
+    after each optimizer step, which enqueues them. Keys are gathered from every worker before
+    they are staged, so the queue stays identical across Ray Train workers. Buffers, so the
+    checkpoint holds the queue and a resumed run continues exactly.
+    """
 
+    queue: Tensor
+    ptr: Tensor
 
-def _features(trunk: Trunk, x: Tensor) -> Tensor:
-    """fc7 where the trunk has it (AlexNet / VGG built with fc), else conv5 average-pooled: (B, C)."""
-    if trunk.has_fc:
-        return trunk.taps(x, ["fc7"])["fc7"]
-    return F.adaptive_avg_pool2d(trunk(x), 1).flatten(1)
+    def init_queue(self, size: int, dim: int) -> None:
+        self.register_buffer("queue", F.normalize(torch.randn(size, dim), dim=1))  # (K, d)
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self._pending: Tensor | None = None  # this step's keys from every worker
 
+    def stage(self, keys: Tensor) -> None:
+        if self.training:
+            self._pending = keys
 
-def _feature_dim(trunk: Trunk) -> int:
-    return trunk.out_channels("fc7") if trunk.has_fc else trunk.out_channels("conv5")
-
-
-class Projected(nn.Module):
-    """A trunk and its projection head: images (B, 3, S, S) -> embeddings (B, d), not normalised."""
-
-    def __init__(self, trunk: Trunk, hidden: int, dim: int) -> None:
-        super().__init__()
-        self.trunk = trunk
-        self.head = mlp(_feature_dim(trunk), hidden, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(_features(self.trunk, x))
+    def after_step(self) -> None:
+        if self._pending is not None:
+            enqueue(self.queue, self.ptr, self._pending)
+            self._pending = None
 
 
-# --------------------------------------------------------------------------- ISD pretext
-
-
-class ISDNet(nn.Module):
+class ISDNet(QueuedNet):
     """Student (trunk + projection + prediction), EMA teacher (trunk + projection) and the queue.
 
     ``forward(views (B, 2, 3, S, S))``: view 0 is the student's (strong), view 1 the teacher's;
@@ -186,16 +173,13 @@ class ISDNet(nn.Module):
         t_student: float = 0.02,
     ) -> None:
         super().__init__()
-        from ktray.models import build_trunk
 
         self.student = Projected(build_trunk(arch, width), proj_hidden, proj_dim)
         self.predictor = mlp(proj_dim, proj_hidden, proj_dim)
         self.teacher = copy.deepcopy(self.student)  # starts equal to the student (ISD, MoCo)
         self.teacher.requires_grad_(False)
-        self.register_buffer("queue", F.normalize(torch.randn(queue_size, proj_dim), dim=1))  # (K, d)
-        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self.init_queue(queue_size, proj_dim)
         self.ema, self.t_teacher, self.t_student = ema, t_teacher, t_student
-        self._pending: Tensor | None = None  # this step's keys from every worker, enqueued after the step
 
     @property
     def trunk(self) -> Trunk:
@@ -225,30 +209,19 @@ class ISDNet(nn.Module):
     def forward(self, views: Tensor, _targets: Tensor | None = None) -> Tensor:
         q = F.normalize(self.predictor(self.student(views[:, 0])).float(), dim=1)  # (B, d)
         k, everyone = self.teacher_keys(views[:, 1])
-        if self.training:
-            self._pending = everyone
+        self.stage(everyone)
         return similarity_logits(q, k, self.queue, self.t_student, self.t_teacher)
 
     def after_step(self) -> None:
         ema_update(self.teacher, self.student, self.ema)
-        if self._pending is not None:
-            enqueue(self.queue, self.ptr, self._pending)
-            self._pending = None
-
-
-def isd_after_step(model: nn.Module) -> None:
-    """The harness's ``after_step`` hook (a module-level function, so the task pickles)."""
-    model.after_step()  # type: ignore[operator]
+        super().after_step()
 
 
 def build_isd(arch: str, width: float, **kwargs: Any) -> ISDNet:
     return ISDNet(arch, width, **kwargs)
 
 
-# --------------------------------------------------------------------------- similarity distillation
-
-
-class DistillNet(nn.Module):
+class DistillNet(QueuedNet):
     """A student mapped into a frozen teacher's embedding space, and a queue of teacher embeddings.
 
     ``forward(images (B, 3, S, S), teacher (B, D))``: the teacher's embeddings of the same images
@@ -268,13 +241,10 @@ class DistillNet(nn.Module):
         t_student: float = 0.04,
     ) -> None:
         super().__init__()
-        from ktray.models import build_trunk
 
-        self.student = Projected(build_trunk(arch, width, fc=arch in ("alexnet", "vgg16")), hidden, dim)
-        self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim), dim=1))  # (K, D)
-        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self.student = Projected(build_trunk(arch, width, fc=arch in FC_ARCHS), hidden, dim)
+        self.init_queue(queue_size, dim)
         self.t_teacher, self.t_student = t_teacher, t_student
-        self._pending: Tensor | None = None
 
     @property
     def trunk(self) -> Trunk:
@@ -283,92 +253,9 @@ class DistillNet(nn.Module):
     def forward(self, x: Tensor, teacher: Tensor) -> Tensor:
         q = F.normalize(self.student(x).float(), dim=1)  # (B, D)
         k = F.normalize(teacher.float(), dim=1)  # (B, D)
-        if self.training:
-            self._pending = gather(k)
+        self.stage(gather(k))
         return similarity_logits(q, k, self.queue, self.t_student, self.t_teacher)
-
-    def after_step(self) -> None:
-        if self._pending is not None:
-            enqueue(self.queue, self.ptr, self._pending)
-            self._pending = None
 
 
 def build_distill(arch: str, width: float, dim: int, **kwargs: Any) -> DistillNet:
     return DistillNet(arch, width, dim, **kwargs)
-
-
-# --------------------------------------------------------------------------- augmentations
-
-
-def strong_augment(size: int, min_scale: float) -> Any:
-    """MoCo v2 / ISD's student augmentation: crop, colour jitter, greyscale, blur, flip (PIL in, PIL out)."""
-    from torchvision import transforms as T
-
-    kernel = max(3, (size // 10) | 1)  # odd, ~10% of the side (SimCLR)
-    return T.Compose([
-        T.RandomResizedCrop(size, scale=(min_scale, 1.0)),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5),
-        T.RandomHorizontalFlip(),
-    ])
-
-
-def weak_augment(size: int, min_scale: float) -> Any:
-    """The later ISD variant's teacher augmentation: crop and flip only."""
-    from torchvision import transforms as T
-
-    return T.Compose([T.RandomResizedCrop(size, scale=(min_scale, 1.0)), T.RandomHorizontalFlip()])
-
-
-def two_views(
-    batch: dict[str, np.ndarray], size: int, image_size: int, min_scale: float, teacher_aug: str = "weak"
-) -> dict[str, np.ndarray]:
-    """Ray Data task: encoded images -> ``views`` uint8 (B, 2, S, S, 3): [student (strong), teacher].
-
-    Fresh randomness every call (torch's global generator, unseeded per task), so every epoch
-    sees new views. Undecodable images are dropped (and counted), as everywhere.
-    """
-    from ktray import metrics
-    from ktray.data import DecodeError, open_rgb
-
-    strong = strong_augment(size, min_scale)
-    teacher = strong if teacher_aug == "strong" else weak_augment(size, min_scale)
-    out = []
-    for data in batch["image"]:
-        try:
-            img = open_rgb(bytes(data), draft_size=image_size)
-        except DecodeError:
-            continue
-        if min(img.size) > image_size:  # short side to image_size: the crops' scale is relative to it
-            scale = image_size / min(img.size)
-            img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))))
-        out.append(np.stack([np.asarray(strong(img), np.uint8), np.asarray(teacher(img), np.uint8)]))
-    metrics.record_decode(ok=len(out), failed=len(batch["image"]) - len(out), stage="pretext")
-    views = np.stack(out) if out else np.zeros((0, 2, size, size, 3), np.uint8)
-    return {"views": views}
-
-
-def _standardise(pixels: Tensor) -> Tensor:
-    """uint8 (N, S, S, 3) -> float (N, 3, S, S), each image at zero mean and unit variance (as embed sees them)."""
-    x = pixels.permute(0, 3, 1, 2).float()
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    std = x.std(dim=(1, 2, 3), keepdim=True, unbiased=False)
-    return (x - mean) / std.clamp_min(1.0)
-
-
-def views_batch(batch: dict[str, Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
-    """uint8 ``views`` (B, 2, S, S, 3) -> float (B, 2, 3, S, S), each view standardised on its own;
-    the targets are a dummy (B,): ISD sees no labels."""
-    v = batch["views"].to(device, non_blocking=True)
-    b = v.shape[0]
-    x = _standardise(v.flatten(0, 1))  # (2B, 3, S, S)
-    return x.reshape(b, 2, *x.shape[1:]), torch.zeros(b, dtype=torch.long, device=device)
-
-
-def distill_batch(batch: dict[str, Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
-    """``pixels`` (B, S, S, 3) uint8 -> standardised images; ``teacher`` (B, D) float32 -> the targets."""
-    x = _standardise(batch["pixels"].to(device, non_blocking=True))
-    if x.is_cuda:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x, batch["teacher"].to(device, non_blocking=True).float()

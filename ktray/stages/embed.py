@@ -29,34 +29,25 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ktray import metrics, schema
-from ktray.rundir import StageDir, filesystem, read_bytes, stage_dir, write_bytes_atomic, write_manifest
+from ktray.algos.whitening import apply_pca, fit_pca_whitening, l2_normalize
+from ktray.artifacts import FEATURES_DIR, TEACHER, parquet_files
+from ktray.data.decode import decode_batch
+from ktray.data.shards import data_identity, read_split
+from ktray.lifecycle import Output, StageSpec, ensure
+from ktray.models.trunks import load_trunk, read_weights, standardise, tap_shapes
+from ktray.rundir import StageDir, filesystem, read_bytes, write_bytes_atomic
+from ktray.runtime import actor_cpus, resolve_device
+from ktray.schema import features_to_numpy
 
 if TYPE_CHECKING:
     import torch
 
     from ktray.config import Config
 
+
 log = logging.getLogger(__name__)
 
-FEATURES_DIR = "features"
 PCA_FILE = "pca.npz"
-
-
-# --------------------------------------------------------------------------- math
-
-
-def standardise(pixels: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W), each image at zero mean and unit variance.
-
-    The teacher saw Jigsaw tiles normalised this way, each on its own (ktray.jigsaw, after
-    the release's per-tile normalisation), so whole images get the same treatment.
-    """
-    import torch
-
-    x = torch.as_tensor(np.ascontiguousarray(pixels), device=device).permute(0, 3, 1, 2).float()  # (B, 3, H, W)
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    std = x.std(dim=(1, 2, 3), keepdim=True, unbiased=False)
-    return (x - mean) / std.clamp_min(1.0)
 
 
 def embed_pixels(
@@ -79,40 +70,9 @@ def feature_dim(cfg: Config, arch: str, width: float) -> int:
     """The documented dimension of the features: pca_dim, or channels(tap) * grid^2."""
     if cfg.embed.pca_dim:
         return cfg.embed.pca_dim
-    from ktray.models import tap_shapes
 
     channels = tap_shapes(arch, width, cfg.embed.image_size, fc=False)[cfg.embed.tap][0]
     return channels * cfg.embed.grid**2
-
-
-def fit_pca_whitening(x: np.ndarray, dim: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """PCA-whitening fitted on ``x`` (N, D): project on the top ``dim`` components, scale each to unit variance.
-
-    Eigen power -0.5 as DeepCluster's ``faiss.PCAMatrix(D, dim, eigen_power=-0.5)``.
-    Returns ``mean`` (D,), ``proj`` (D, dim) with the whitening folded in, ``eigenvalues`` (dim,).
-    """
-    from sklearn.decomposition import PCA
-
-    n, d = x.shape
-    if dim > min(n, d):
-        raise ValueError(
-            f"embed.pca_dim: {dim} components need at least that many samples and dimensions "
-            f"(have {n} samples of {d} dims; raise embed.pca_sample or lower embed.pca_dim)"
-        )
-    pca = PCA(n_components=dim, whiten=False, random_state=seed).fit(x.astype(np.float64))
-    ev = np.maximum(pca.explained_variance_, 1e-12 * max(pca.explained_variance_[0], 1e-30))
-    proj = pca.components_.T / np.sqrt(ev)[None, :]  # (D, dim)
-    return {"mean": pca.mean_.astype(np.float32), "proj": proj.astype(np.float32), "eigenvalues": ev.astype(np.float32)}
-
-
-def apply_pca(x: np.ndarray, pca: dict[str, np.ndarray]) -> np.ndarray:
-    """(N, D) -> (N, dim) whitened."""
-    return ((x - pca["mean"]) @ pca["proj"]).astype(np.float32)
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
 def features_table(image_ids: Any, x: np.ndarray, metadata: dict[str, Any] | None = None) -> pa.Table:
@@ -134,9 +94,6 @@ def save_pca(uri: str, pca: dict[str, np.ndarray]) -> None:
 def load_pca(uri: str) -> dict[str, np.ndarray]:
     with np.load(io.BytesIO(read_bytes(uri)), allow_pickle=False) as z:  # arrays only, never objects
         return {k: z[k] for k in z.files}
-
-
-# --------------------------------------------------------------------------- Ray Data actor
 
 
 class Embedder:
@@ -161,7 +118,6 @@ class Embedder:
     ):
         import torch
 
-        from ktray.models import load_trunk
 
         if threads > 0 and device == "cpu":
             torch.set_num_threads(max(1, round(threads)))  # a fractional CPU share still runs one thread
@@ -187,43 +143,37 @@ class Embedder:
         return features_table(batch["image_id"], x, self.metadata)
 
 
-# --------------------------------------------------------------------------- stage
-
-
 def _split(cfg: Config) -> str | None:
     s = cfg.embed.split or cfg.data.train_split
     return None if s == "all" else s
 
 
-def output_dir(cfg: Config, teacher: StageDir) -> StageDir:
-    """Where :func:`run` writes for this config, teacher and data."""
-    from ktray.data import data_identity
-
-    params = {
+def params(cfg: Config) -> dict[str, Any]:
+    """What the features depend on besides the teacher and the data (the folder hash)."""
+    return {
         "embed": cfg.embed.to_dict(),
         "split": _split(cfg),
         "limit": cfg.data.limit,
         "seed": cfg.seed if cfg.embed.pca_dim else None,  # only the PCA sample is random
     }
-    return stage_dir(cfg.root, "embed", params, [teacher, data_identity(cfg.data)])
 
 
-def actor_cpus(requested: float, num_actors: int) -> float:
-    """CPUs per actor of a CPU actor pool: at most ``requested``, and never so many that the pool
-    takes every CPU of the cluster. The read and decode tasks that feed the actors need a core
-    too; without one, the stream waits for CPUs the actors hold and never moves (2 actors x 1 CPU
-    on 2 cores)."""
-    import ray
+def spec(cfg: Config, teacher: StageDir) -> StageSpec:
+    return StageSpec("embed", cfg, params(cfg), [teacher, data_identity(cfg.data)], compute, args=(teacher,))
 
-    total = ray.cluster_resources().get("CPU", 1.0)
-    return min(requested, max(total - 1.0, total / 2) / num_actors)
+
+def output_dir(cfg: Config, teacher: StageDir) -> StageDir:
+    return spec(cfg, teacher).dir
+
+
+def run(cfg: Config, teacher: StageDir, **how: Any) -> StageDir:
+    """The features' stage folder, computed first unless done (``how``: ``force``, ``tracker``)."""
+    return ensure(spec(cfg, teacher), **how)
 
 
 def _embed_dataset(cfg: Config, ds: Any, weights: str, device: str, pca: str | None, l2: bool,
                    metadata: dict[str, Any] | None) -> Any:
     from ray.data import ActorPoolStrategy
-
-    from ktray.data import decode_batch
 
     e = cfg.embed
     decoded = ds.map_batches(
@@ -247,36 +197,17 @@ def _embed_dataset(cfg: Config, ds: Any, weights: str, device: str, pca: str | N
     )
 
 
-def _count_rows(uri: str) -> tuple[int, list[str]]:
-    fs, base = filesystem(uri)
-    infos = fs.get_file_info(pa.fs.FileSelector(base, allow_not_found=True))
-    files = sorted(i.path for i in infos if i.type == pa.fs.FileType.File and i.base_name.endswith(".parquet"))
-    return sum(pq.ParquetFile(f, filesystem=fs).metadata.num_rows for f in files), files
-
-
-def run(cfg: Config, teacher: StageDir) -> StageDir:
+def compute(cfg: Config, sd: StageDir, teacher: StageDir) -> Output:
     """The embed stage: ``features/*.parquet`` (+ ``pca.npz``) under its stage folder."""
     import ray
 
-    from ktray.data import data_identity, read_split
-    from ktray.kmeans import resolve_device
-    from ktray.models import read_weights
-
-    sd = output_dir(cfg, teacher)
-    if sd.done():
-        return sd
-    started = time.time()
     e = cfg.embed
-    sd.make()
-    from ktray.pipeline import init_ray
-
-    init_ray()  # the job's cluster (RAY_ADDRESS) or a local one
     fs, feat_dir = filesystem(sd.path(FEATURES_DIR))
     # A killed earlier attempt may have left files; they would be read as extra rows.
     fs.create_dir(feat_dir, recursive=True)
     fs.delete_dir_contents(feat_dir)
 
-    weights = teacher.path("teacher.pt")
+    weights = teacher.path(TEACHER)
     info = read_weights(weights)
     arch, width = str(info["arch"]), float(info["width"])
     device = resolve_device(cfg.compute.device)
@@ -296,7 +227,6 @@ def run(cfg: Config, teacher: StageDir) -> StageDir:
         sample = ds.random_sample(min(1.0, 1.2 * m / max(n_in, 1)), seed=cfg.seed).limit(m)
         raw = pa.concat_tables(ray.get(_embed_dataset(cfg, sample, weights, device, None, False, None)
                                        .to_arrow_refs()))
-        from ktray.kmeans import features_to_numpy
 
         pca = fit_pca_whitening(features_to_numpy(raw["feature"]), e.pca_dim, seed=cfg.seed)
         pca_uri = sd.path(PCA_FILE)
@@ -309,10 +239,11 @@ def run(cfg: Config, teacher: StageDir) -> StageDir:
     out = _embed_dataset(cfg, ds, weights, device, pca_uri, e.l2_normalize, metadata)
     out.write_parquet(feat_dir, filesystem=fs)
     seconds = time.time() - t0
-    n_out, written = _count_rows(sd.path(FEATURES_DIR))
+    written = parquet_files(sd.path(FEATURES_DIR))
+    n_out = sum(rows for _, rows in written)
     metrics.record_rows("embed", n_out)
     if written:
-        got = schema.feature_dim(pq.read_schema(written[0], filesystem=fs))
+        got = schema.feature_dim(pq.read_schema(filesystem(written[0][0])[1], filesystem=fs))
         if got != dim:
             raise RuntimeError(f"embed: wrote {got}-dim features, expected {dim}")
     # A retried write task must not leave a second copy of its rows behind (the contract: one row per image).
@@ -321,13 +252,10 @@ def run(cfg: Config, teacher: StageDir) -> StageDir:
         # decode_batch drops undecodable images (logged); packing already refuses them, so
         # this is rare, but a dropped row must not go unnoticed.
         log.warning("embed: %d images in, %d feature rows out (%d undecodable)", n_in, n_out, n_in - n_out)
-    files_out += [f"{FEATURES_DIR}/{f.rsplit('/', 1)[1]}" for f in written]
+    files_out += [f"{FEATURES_DIR}/{f.rsplit('/', 1)[1]}" for f, _ in written]
     summary = {"rows_in": float(n_in), "rows": float(n_out), "dim": float(dim), "seconds": seconds,
                "images_per_second": n_out / max(seconds, 1e-9)}
     write_bytes_atomic(sd.path("features.json"), json.dumps({**metadata, "dim": dim, "rows": n_out}).encode())
     print(f"embed: {n_out} rows x {dim} dims in {seconds:.1f} s ({summary['images_per_second']:.1f} images/s)",
           flush=True)
-    write_manifest(sd, config={"embed": e.to_dict(), "split": split, "limit": cfg.data.limit},
-                   inputs=[teacher, data_identity(cfg.data)], files=[*files_out, "features.json"],
-                   metrics={"summary": summary, "history": []}, started=started)
-    return sd
+    return Output([*files_out, "features.json"], summary)

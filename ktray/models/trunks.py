@@ -31,20 +31,32 @@ are read back with ``torch.load(weights_only=True)``: no pickled code crosses a 
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torchvision
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from ktray.rundir import read_bytes, write_bytes_atomic
+from ktray.rundir import config_hash, read_bytes, write_bytes_atomic
+
+if TYPE_CHECKING:
+    import torch
+
 
 ARCHS = ("alexnet", "vgg16", "resnet18", "resnet50")
+
+
 CONV_TAPS = ("conv1", "conv2", "conv3", "conv4", "conv5")
+
+
 FC_TAPS = ("fc6", "fc7")
+
+
 # The shapes above, as data: the documentation the tests hold the code to.
 DOCUMENTED_TAPS_224: dict[str, dict[str, tuple[int, ...]]] = {
     "alexnet": {
@@ -80,6 +92,8 @@ DOCUMENTED_TAPS_224: dict[str, dict[str, tuple[int, ...]]] = {
         "conv5": (2048, 7, 7),
     },
 }
+
+
 _VGG16_BLOCKS = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
 
 
@@ -229,7 +243,7 @@ def _resnet(arch: str, width: float) -> Trunk:
     return Trunk(arch, width, stages)
 
 
-def _init(module: nn.Module) -> None:
+def init_weights(module: nn.Module) -> None:
     # torchvision's ResNet/VGG initialisation: He normal (fan_out) for convs, BN at identity.
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
@@ -259,7 +273,7 @@ def build_trunk(arch: str, width: float = 1.0, *, fc: bool = False) -> Trunk:
         if fc:
             raise ValueError(f"{arch} has no fc6/fc7 layers; fc=True is for alexnet and vgg16")
         trunk = _resnet(arch, width)
-    _init(trunk)
+    init_weights(trunk)
     return trunk
 
 
@@ -277,46 +291,6 @@ def tap_shapes(
         x = torch.empty(2, 3, input_size, input_size)
         out = trunk.taps(x, trunk.tap_names)
     return {k: tuple(v.shape[1:]) for k, v in out.items()}
-
-
-# --------------------------------------------------------------------------- Jigsaw head
-
-
-class JigsawNet(nn.Module):
-    """The context-free network of Noroozi & Favaro (2016, Sec. 3.1): a siamese "ennead".
-
-    The same trunk runs on each of the 9 tiles; each tile's conv5 is pooled to a small grid and
-    mapped by a shared fc (the paper's per-tile fc6, 512 units) to ``tile_dim`` features; the 9
-    are concatenated in puzzle order and an MLP (fc7, 4096 units in the paper) maps them to one
-    logit per permutation. Only the trunk is kept afterwards (``teacher.pt``).
-    """
-
-    def __init__(
-        self, trunk: Trunk, num_classes: int, *, tile_dim: int = 512, hidden: int = 4096, pool: int = 2
-    ) -> None:
-        super().__init__()
-        self.trunk = trunk
-        c5 = trunk.out_channels("conv5")
-        self.tile_fc = nn.Sequential(nn.AdaptiveAvgPool2d(pool), nn.Flatten(), _fc_bn(c5 * pool * pool, tile_dim))
-        self.head = nn.Sequential(_fc_bn(9 * tile_dim, hidden), nn.Dropout(0.5), nn.Linear(hidden, num_classes))
-        _init(self.tile_fc)
-        _init(self.head)
-
-    def forward(self, tiles: Tensor) -> Tensor:  # (B, 9, 3, t, t) -> logits (B, N)
-        b = tiles.shape[0]
-        x = tiles.flatten(0, 1)  # (B*9, 3, t, t)
-        if x.is_cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        f = self.tile_fc(self.trunk(x))  # (B*9, tile_dim)
-        return self.head(f.reshape(b, -1))  # (B, 9*tile_dim) -> (B, N)
-
-
-def build_jigsaw(arch: str, width: float, num_classes: int, *, tile_dim: int = 512, hidden: int = 4096) -> JigsawNet:
-    """Trunk + Jigsaw head; ``num_classes`` is ``len(permutations)`` (derived, never typed)."""
-    return JigsawNet(build_trunk(arch, width), num_classes, tile_dim=tile_dim, hidden=hidden)
-
-
-# --------------------------------------------------------------------------- weights files
 
 
 def save_weights(trunk: Trunk, uri: str) -> None:
@@ -342,3 +316,59 @@ def load_trunk(uri: str) -> Trunk:
     trunk = build_trunk(str(blob["arch"]), float(blob["width"]), fc=fc)
     trunk.load_state_dict(blob["state_dict"], strict=True)
     return trunk.eval()
+
+
+# --------------------------------------------------------------------------- frozen trunks and inputs
+
+RANDOM_PREFIX = "random:"
+
+
+def build_random_trunk(spec: str, width: float, seed: int) -> Any:
+    """``random:<arch>[:<width>]``: a randomly initialised trunk (the paper's "random" floor), seeded.
+
+    The same seed gives the same weights in every extraction actor and in every run.
+    """
+
+    parts = spec[len(RANDOM_PREFIX) :].split(":")
+    arch = parts[0]
+    if len(parts) > 1:
+        width = float(parts[1])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_trunk(arch, width).eval()
+
+
+def load_any_trunk(trunk: Any, width: float = 1.0, seed: int = 0) -> Any:
+    """A frozen trunk (eval mode, no gradients) from a weights URI, a ``random:`` spec or a module."""
+
+    if isinstance(trunk, str):
+        module = build_random_trunk(trunk, width, seed) if trunk.startswith(RANDOM_PREFIX) else load_trunk(trunk)
+    else:
+        module = trunk
+    module = module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def trunk_key(trunk: str, width: float, seed: int) -> str:
+    """Identity of a trunk for the run directory: the content hash of its weights file."""
+
+    if trunk.startswith(RANDOM_PREFIX):
+        return "trunk-" + config_hash(trunk, width, seed)
+    return "trunk-" + hashlib.sha256(read_bytes(trunk)).hexdigest()[:10]
+
+
+def standardise(pixels: np.ndarray | torch.Tensor, device: str | torch.device | None = None) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W), each image at zero mean and unit variance.
+
+    The one input rule of every trunk: the teacher saw Jigsaw tiles normalised this way, each on
+    its own (after the release's per-tile normalisation), so whole images get the same
+    treatment wherever a trunk sees them (embed, transfer, ISD, distillation, evaluate).
+    """
+    if isinstance(pixels, np.ndarray):
+        pixels = np.ascontiguousarray(pixels)
+    x = torch.as_tensor(pixels, device=device).permute(0, 3, 1, 2).float()  # (B, 3, H, W)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    std = x.std(dim=(1, 2, 3), keepdim=True, unbiased=False)
+    return (x - mean) / std.clamp_min(1.0)

@@ -26,17 +26,19 @@ import numpy as np
 if TYPE_CHECKING:
     from ktray.config import PretextConfig
 
+
 GRID = 3
+
+
 CELLS = GRID * GRID
+
+
 # ITU-R 601 luma weights, the same as PIL's convert("L").
 _LUMA = np.asarray([0.299, 0.587, 0.114], dtype=np.float32)
 
 
 class PermutationError(ValueError):
     """The requested permutation set cannot be built (too many for the minimum distance)."""
-
-
-# --------------------------------------------------------------------------- permutations
 
 
 def all_permutations() -> np.ndarray:
@@ -112,9 +114,6 @@ def check_permutations(perms: np.ndarray, min_hamming: int = 1) -> np.ndarray:
         if d.min() < min_hamming:
             raise PermutationError(f"two permutations are only {d.min()} apart (need >= {min_hamming})")
     return perms.astype(np.int64)
-
-
-# --------------------------------------------------------------------------- puzzles
 
 
 @dataclass(frozen=True)
@@ -256,37 +255,3 @@ def unshuffle(tiles: np.ndarray, perms: np.ndarray, label: np.ndarray) -> np.nda
 def batch_seed(seed: int, image_ids: Any) -> list[int]:
     """A seed for one batch: the same for the same ``seed`` and rows, different across batches."""
     return [seed, zlib.crc32("\n".join(str(i) for i in image_ids).encode())]
-
-
-def puzzle_batch(
-    batch: dict[str, Any],
-    *,
-    perms: np.ndarray,
-    spec: PuzzleSpec,
-    image_size: int,
-    seed: int | None = None,
-    repeats: int = 1,
-) -> dict[str, np.ndarray]:
-    """Ray Data ``map_batches`` function: image rows -> ``tiles`` and ``label`` columns.
-
-    Decodes (resize the short side to ``image_size``, center square), then builds puzzles
-    with :func:`make_puzzles`; foreign tiles come from other rows of the same batch.
-    ``seed=None`` draws fresh entropy (training: new puzzles every epoch); an int makes the
-    puzzles a function of the seed and the batch's image ids (the fixed held-out puzzles).
-    ``repeats`` builds that many independent puzzles per image (each round draws its foreign
-    tiles from the other images of the batch, never from a copy of the same image).
-    """
-    from ktray import metrics
-    from ktray.data import decode_batch
-
-    decoded = decode_batch(batch, size=image_size, mode="center", stage="pretext")
-    rng = np.random.default_rng(None if seed is None else batch_seed(seed, decoded["image_id"]))
-    if len(decoded["pixels"]) == 0:
-        t = spec.tile
-        return {"tiles": np.zeros((0, CELLS, 3, t, t), np.float32), "label": np.zeros(0, np.int64)}
-    rounds = [make_puzzles(decoded["pixels"], perms, rng, spec) for _ in range(repeats)]
-    metrics.record_puzzles(sum(len(r["label"]) for r in rounds))
-    return {
-        "tiles": np.concatenate([r["tiles"] for r in rounds]),
-        "label": np.concatenate([r["label"] for r in rounds]),
-    }

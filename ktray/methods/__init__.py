@@ -1,0 +1,1 @@
+"""Training methods: how a teacher (jigsaw, isd) or a student (cluster classification, distill) is trained."""
