@@ -50,14 +50,14 @@ def run_stages(
     features = step("embed", teacher)
     if until == "embed":
         return out
-    distill = cfg.transfer.method == "distill"
+    # The transfer method says what its student learns from: the clusters, or the embeddings themselves.
+    learns_from = transfer.METHODS[cfg.transfer.method].LEARNS_FROM
     labels = None
-    if until == "cluster" or not distill:
+    if until == "cluster" or learns_from == "cluster":
         labels = step("cluster", features, images=data_path(cfg.data))
     if until == "cluster":
         return out
-    # Cluster classification learns from the clusters; distillation from the teacher's embeddings.
-    student = step("transfer", features if distill else labels)
+    student = step("transfer", labels if learns_from == "cluster" else features)
     if until == "transfer":
         return out
     step("evaluate", student.path(STUDENT), labels=labels, name="student")

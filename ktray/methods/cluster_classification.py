@@ -41,6 +41,9 @@ if TYPE_CHECKING:
     from ktray.config import Config
 
 
+LEARNS_FROM = "cluster"  # the upstream stage this student learns from (the pipeline wires it)
+
+
 def transfer_params(cfg: Config) -> dict[str, Any]:
     """The ``transfer`` section as the student's folder hash sees it: without the distill settings CC never reads."""
     return {k: v for k, v in cfg.transfer.to_dict().items() if k not in DISTILL_FIELDS}

@@ -35,6 +35,9 @@ if TYPE_CHECKING:
     from ktray.config import Config
 
 
+LEARNS_FROM = "embed"  # the upstream stage this student learns from (the pipeline wires it)
+
+
 def transfer_params(cfg: Config) -> dict[str, Any]:
     """The ``transfer`` section as the student's folder hash sees it: all of it."""
     return cfg.transfer.to_dict()
