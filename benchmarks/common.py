@@ -218,10 +218,10 @@ class Meter:
 
 
 def init_ray(num_cpus: int, device: str, **kwargs: Any) -> None:
-    """A local Ray for the benchmark (``pipeline.init_ray``: retried on a loaded machine), no progress bars."""
+    """A local Ray for the benchmark (``runtime.init_ray``: retried on a loaded machine), no progress bars."""
     import ray
 
-    from ktray.pipeline import init_ray as start
+    from ktray.runtime import init_ray as start
 
     start(num_cpus=num_cpus, num_gpus=1 if device == "cuda" else 0, include_dashboard=False, log_to_driver=False,
           **kwargs)

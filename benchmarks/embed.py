@@ -1,12 +1,12 @@
 """Benchmark: embed, ktray's Ray Data actor-pool path against a bare DataLoader + model loop.
 
-ktray: the embed stage's dataset (``ktray.embed._embed_dataset``): ``read_images`` ->
+ktray: the embed stage's dataset (``ktray.stages.embed._embed_dataset``): ``read_images`` ->
 ``decode_batch`` tasks (center crop) -> the ``Embedder`` actor pool (trunk loaded once per
 actor, conv4 max-pooled to a grid) -> features tables, iterated on the driver.
 
 Baseline: a ``torch.utils.data.DataLoader`` with ``--workers`` workers decoding each image with
 PIL + torchvision ``Resize`` / ``CenterCrop``, and the same trunk, tap, pooling and per-image
-standardisation in the main process (``ktray.embed.embed_pixels``' math, written out).
+standardisation in the main process (``ktray.stages.embed.embed_pixels``' math, written out).
 
 Same teacher (a seeded random trunk of the given architecture), same batch, same resources:
 ``--workers`` decode processes and ``--threads`` torch threads for the model on both sides
@@ -65,8 +65,8 @@ def baseline_pass(loader, trunk, args, device: str) -> tuple[int, float, float]:
 
 
 def ktray_pass(path: str, split: str | None, weights: str, cfg, device: str) -> tuple[int, float, float]:
-    from ktray.data import read_images
-    from ktray.embed import _embed_dataset
+    from ktray.data.shards import read_images
+    from ktray.stages.embed import _embed_dataset
 
     n = 0
     with common.Meter() as m:
@@ -96,9 +96,9 @@ def main() -> None:
     import ray
     import torch
 
-    from ktray import models
     from ktray.config import load_config
-    from ktray.data import load_table, sample_path
+    from ktray.data.shards import load_table, sample_path
+    from ktray.models import trunks
 
     path = args.data or sample_path()
     split = None if args.split == "all" else args.split
@@ -112,8 +112,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ktray-bench-") as tmp:
         weights = f"{tmp}/teacher.pt"
         torch.manual_seed(0)
-        models.save_weights(models.build_trunk(args.arch, args.width), weights)
-        trunk = models.load_trunk(weights).to(device).eval()
+        trunks.save_weights(trunks.build_trunk(args.arch, args.width), weights)
+        trunk = trunks.load_trunk(weights).to(device).eval()
         if device == "cuda":
             trunk = trunk.to(memory_format=torch.channels_last)
         else:

@@ -55,23 +55,23 @@ def run_ktray(x: np.ndarray, init: np.ndarray, actors: int, args, device: str) -
     """ktray's actor group on ``x``: s/iter, objective, start-up and final assignment times."""
     import ray
 
-    from ktray import kmeans as km
+    from ktray.stages import cluster
 
     n = len(x)
     cpus = args.cpus_per_actor or (os.cpu_count() or 1) / actors
     bounds = [i * n // actors for i in range(actors + 1)]
     t0 = time.perf_counter()
     refs = [ray.put(x[a:b]) for a, b in itertools.pairwise(bounds)]
-    group = km.start_shards(refs, [None] * actors, device=device, cpus_per_actor=cpus)
+    group = cluster.start_shards(refs, [None] * actors, device=device, cpus_per_actor=cpus)
     ray.get([a.info.remote() for a in group])
     startup = time.perf_counter() - t0
     t0 = time.perf_counter()
-    res = km.distributed_lloyd(group, args.k, args.niter, centroids=init, seed=args.seed)
+    res = cluster.distributed_lloyd(group, args.k, args.niter, centroids=init, seed=args.seed)
     train = time.perf_counter() - t0
     t0 = time.perf_counter()
-    table = km.assign_all(group, res.centroids)
+    table = cluster.assign_all(group, res.centroids)
     assign_s = time.perf_counter() - t0
-    km.stop_shards(group)
+    cluster.stop_shards(group)
     del refs
     assert table.num_rows == n
     return {"actors": actors, "cpus_per_actor": cpus, "s_per_iter": train / args.niter,
@@ -95,7 +95,7 @@ def main() -> None:
     import faiss
     import ray
 
-    from ktray import kmeans as km
+    from ktray.algos import kmeans as km
 
     ncpu = os.cpu_count() or 1
     faiss.omp_set_num_threads(ncpu)

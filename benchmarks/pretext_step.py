@@ -1,6 +1,6 @@
 """Benchmark: the pretext training step, ktray's Ray Train loop against a bare PyTorch loop.
 
-Both train the same Jigsaw network (``ktray.models.build_jigsaw``, the same seed) with the
+Both train the same Jigsaw network (``ktray.models.heads.build_jigsaw``, the same seed) with the
 same SGD, batch size and thread count on the same puzzles, already in memory: the ratio is
 the overhead of ktray's harness (``ktray.training.fit``: a ``TorchTrainer`` worker streaming
 batches from a Ray dataset with ``iter_torch_batches``, metrics kept on the device, a
@@ -30,9 +30,9 @@ import numpy as np
 
 
 def build(args):
-    from ktray import models
+    from ktray.models.heads import build_jigsaw
 
-    return partial(models.build_jigsaw, args.arch, args.width, args.permutations, tile_dim=args.tile_dim,
+    return partial(build_jigsaw, args.arch, args.width, args.permutations, tile_dim=args.tile_dim,
                    hidden=args.hidden)
 
 
@@ -101,14 +101,15 @@ def ktray_loop(tiles: np.ndarray, labels: np.ndarray, args, device: str) -> tupl
     import torch.nn.functional as F
     from ray.data.extensions import ArrowTensorArray
 
-    from ktray import pretext, training
+    from ktray import training
     from ktray.config import ComputeConfig
+    from ktray.methods.jigsaw import jigsaw_batch
     from ktray.rundir import stage_dir
 
     table = pa.table({"tiles": ArrowTensorArray.from_numpy(tiles), "label": pa.array(labels)})
     ds = ray.data.from_arrow(table)
     task = training.TrainTask(
-        build_model=build(args), batch_fn=pretext.jigsaw_batch, loss_fn=F.cross_entropy, epochs=args.epochs,
+        build_model=build(args), batch_fn=jigsaw_batch, loss_fn=F.cross_entropy, epochs=args.epochs,
         batch_size=args.batch_size, lr=0.01, momentum=0.9, weight_decay=5e-4, unit="puzzles",
     )
     compute = ComputeConfig(device=device, num_workers=1, cpus_per_worker=float(args.threads), amp=True)

@@ -123,11 +123,12 @@ def baseline_pass(loader, device: str) -> tuple[int, float, float]:
 
 
 def ktray_pass(path: str, split: str | None, perms: np.ndarray, args, device: str) -> tuple[int, float, float]:
-    """One pass of the pretext stage's puzzle stream (ktray.pretext.build_datasets, less the held-out filter)."""
+    """One pass of the pretext stage's puzzle stream (ktray.methods.jigsaw.build_datasets, less the held-out filter)."""
     import torch
 
-    from ktray.data import read_images
-    from ktray.jigsaw import PuzzleSpec, puzzle_batch
+    from ktray.algos.jigsaw import PuzzleSpec
+    from ktray.data.shards import read_images
+    from ktray.methods.jigsaw import puzzle_batch
 
     spec = PuzzleSpec(crop=args.crop, tile=args.tile, max_foreign=args.max_foreign, grey_prob=args.grey_prob,
                       channel_shift=args.channel_shift)
@@ -170,8 +171,8 @@ def main() -> None:
 
     import ray
 
-    from ktray.data import load_table, sample_path
-    from ktray.jigsaw import generate_permutations
+    from ktray.algos.jigsaw import generate_permutations
+    from ktray.data.shards import load_table, sample_path
 
     path = args.data or sample_path()
     split = None if args.split == "all" else args.split

@@ -4,7 +4,7 @@
 
 Takes the first N train and M val images of each class (sorted file names, so the choice is
 reproducible), downsizes them to at most 128 px, re-encodes them as JPEG and packs them with
-`ktray.data.pack` into ktray/sample/. See ktray/sample/README.md for provenance and licence.
+`ktray.data.pack.pack` into ktray/sample/. See ktray/sample/README.md for provenance and licence.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from ktray.data import Source, _strip_common_root, layout, pack, sample_path
+from ktray.data.pack import Source, _strip_common_root, layout, pack
+from ktray.data.shards import sample_path
 
 
 def main() -> None:

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from local_cluster import MlflowServer
 
+from ktray.data.shards import sample_path
+
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
@@ -38,8 +40,6 @@ def ray_session() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def sample_shards() -> str:
     """The bundled sample's shard directory (inside the package; read-only)."""
-    from ktray.data import sample_path
-
     return sample_path()
 
 

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from ktray.evaluate import format_csv, format_markdown, result_row
+from ktray import compare
+from ktray.config import load_config
+from ktray.stages.evaluate import format_csv, format_markdown, result_row
 
 
 def fake_results(name: str, tops: dict[str, float], nmi: float | None) -> dict:
@@ -41,9 +43,6 @@ def test_table_layout() -> None:
 
 @pytest.mark.slow
 def test_compare_runs_the_rows_and_writes_the_table(ray_session: None, run_root: str) -> None:
-    from ktray import compare
-    from ktray.config import load_config
-
     cfg = load_config(None, [
         f"root={run_root}",
         "data.limit=200",

@@ -8,17 +8,22 @@ import pytest
 import torch
 from workloads import random_teacher
 
-from ktray import embed, schema
+from ktray import schema
+from ktray.algos.whitening import apply_pca, fit_pca_whitening, l2_normalize
 from ktray.config import Config, replace
-from ktray.models import build_trunk, tap_shapes
+from ktray.data.decode import decode_image
+from ktray.data.shards import load_table
+from ktray.models.trunks import build_trunk, load_trunk, standardise, tap_shapes
 from ktray.rundir import StageDir
+from ktray.schema import features_to_numpy
+from ktray.stages import embed
 
 
 def test_standardise_gives_each_image_zero_mean_unit_variance() -> None:
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (3, 20, 20, 3), dtype=np.uint8)
     pixels[2] = 7  # a flat image: std 0, floored at 1 (as the teacher's tiles)
-    x = embed.standardise(pixels)
+    x = standardise(pixels)
     assert x.shape == (3, 3, 20, 20)
     torch.testing.assert_close(x.mean(dim=(1, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
     torch.testing.assert_close(x[:2].std(dim=(1, 2, 3), unbiased=False), torch.ones(2), atol=1e-5, rtol=0)
@@ -33,7 +38,7 @@ def test_embed_pixels_max_pools_the_tap_to_the_grid() -> None:
     c, h, w = tap_shapes("vgg16", 0.125, 32)["conv4"]  # (64, 4, 4)
     assert got.shape == (2, c * 4)
     with torch.no_grad():
-        act = trunk.taps(embed.standardise(pixels), ["conv4"])["conv4"]  # (2, C, 4, 4)
+        act = trunk.taps(standardise(pixels), ["conv4"])["conv4"]  # (2, C, 4, 4)
     # Each of the 2x2 cells is the max over a 2x2 block of the tap, channel-major when flattened.
     blocks = act.reshape(2, c, 2, h // 2, 2, w // 2).amax(dim=(3, 5))  # (2, C, 2, 2)
     np.testing.assert_allclose(got, blocks.reshape(2, -1).numpy(), rtol=1e-6)
@@ -44,27 +49,23 @@ def test_pca_whitening_decorrelates_and_matches_sklearn() -> None:
 
     rng = np.random.default_rng(2)
     x = (rng.standard_normal((500, 12)) @ rng.standard_normal((12, 12)) + 3).astype(np.float32)
-    pca = embed.fit_pca_whitening(x, 5, seed=0)
-    z = embed.apply_pca(x, pca)
+    pca = fit_pca_whitening(x, 5, seed=0)
+    z = apply_pca(x, pca)
     assert z.shape == (500, 5)
     np.testing.assert_allclose(np.cov(z.T.astype(np.float64)), np.eye(5), atol=1e-3)
     ref = PCA(5, whiten=True, random_state=0).fit_transform(x.astype(np.float64))
     np.testing.assert_allclose(np.abs(z), np.abs(ref), rtol=1e-3, atol=1e-3)  # up to each axis' sign
     with pytest.raises(ValueError, match="pca_dim"):
-        embed.fit_pca_whitening(x[:4], 5)
+        fit_pca_whitening(x[:4], 5)
 
 
 def _read_features(sd: StageDir) -> tuple[list[str], np.ndarray, int]:
-    from ktray.kmeans import features_to_numpy
-
     table = pq.read_table(sd.path("features"))
     dim = schema.feature_dim(table.schema)
     return table["image_id"].to_pylist(), features_to_numpy(table["feature"]), dim
 
 
 def test_embed_stage_one_row_per_image(ray_session: None, sample_shards: str, run_root: str) -> None:
-    from ktray.data import decode_image, load_table
-
     teacher = random_teacher(run_root)
     cfg = replace(Config(root=run_root), [
         "data.limit=48", "embed.image_size=64", "embed.grid=2", "embed.batch_size=16", "compute.device=cpu",
@@ -82,11 +83,9 @@ def test_embed_stage_one_row_per_image(ray_session: None, sample_shards: str, ru
     assert sd.manifest()["metrics"]["summary"]["rows"] == 48
     # The stream computes what the model computes on the driver for the same image.
     by_id = dict(zip(images["image_id"].to_pylist(), images["image"].to_pylist()))
-    from ktray.models import load_trunk
-
     trunk = load_trunk(teacher.path("teacher.pt"))
     pixels = np.stack([decode_image(by_id[i], 64) for i in ids[:4]])
-    direct = embed.l2_normalize(embed.embed_pixels(trunk, pixels, "conv4", 2))
+    direct = l2_normalize(embed.embed_pixels(trunk, pixels, "conv4", 2))
     np.testing.assert_allclose(x[:4], direct, rtol=1e-4, atol=1e-6)
     assert embed.run(cfg, teacher) == sd  # done: skipped
 

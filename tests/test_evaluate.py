@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ktray.evaluate import (
+from ktray.algos.probes import (
+    SoftmaxRegression,
     fewshot_accuracy,
     fewshot_episodes,
     knn_accuracy,
@@ -18,6 +19,12 @@ from ktray.evaluate import (
     pool_grid,
     pool_to_max_dim,
 )
+from ktray.config import load_config
+from ktray.data.decode import decode_batch
+from ktray.data.shards import load_table
+from ktray.models.trunks import build_random_trunk
+from ktray.stages import evaluate, real_labels
+from ktray.stages.evaluate import TapExtractor, extract_features
 
 
 def blobs(n_per_class: int, classes: int, dim: int, sep: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -170,8 +177,6 @@ def test_softmax_regression_solves_scikit_learns_objective() -> None:
     """Same C, same problem: the torch L-BFGS fit and scikit-learn's agree (the meaning of C carries over)."""
     from sklearn.linear_model import LogisticRegression
 
-    from ktray.evaluate import SoftmaxRegression
-
     x, y = blobs(40, classes=4, dim=16, sep=0.8, seed=10)
     for c in (0.01, 1.0):
         ours = SoftmaxRegression(c, max_iter=500).fit(x, y)
@@ -194,8 +199,6 @@ FAST = [
 
 
 def test_random_trunk_is_seeded() -> None:
-    from ktray.evaluate import build_random_trunk
-
     a = build_random_trunk("random:alexnet:0.25", width=1.0, seed=3)
     b = build_random_trunk("random:alexnet", width=0.25, seed=3)
     c = build_random_trunk("random:alexnet:0.25", width=1.0, seed=4)
@@ -207,10 +210,6 @@ def test_random_trunk_is_seeded() -> None:
 @pytest.mark.slow
 def test_extracted_features_belong_to_their_images(ray_session: None, sample_shards: str, run_root: str) -> None:
     """Ray's actor pool returns batches in any order: each row's features and label must stay its own."""
-    from ktray.config import load_config
-    from ktray.data import decode_batch, load_table
-    from ktray.evaluate import TapExtractor, extract_features
-
     cfg = load_config(None, [f"root={run_root}", *FAST, "evaluate.batch_size=16"])
     feats = extract_features(cfg, "random:alexnet:0.25", sample_shards, "val", ("conv2", "conv5"))
     table = load_table(sample_shards, "val")
@@ -235,12 +234,8 @@ def test_extracted_features_belong_to_their_images(ray_session: None, sample_sha
 def test_evaluate_stage_on_the_sample(ray_session: None, sample_shards: str, run_root: str) -> None:
     import json
 
-    from ktray import evaluate
-    from ktray.compare import supervised_labels
-    from ktray.config import load_config
-
     cfg = load_config(None, [f"root={run_root}", *FAST])
-    labels = supervised_labels(cfg)  # "clusters" = the real classes: their NMI is exactly 1
+    labels = real_labels.run(cfg)  # "clusters" = the real classes: their NMI is exactly 1
     sd = evaluate.run(cfg, "random:alexnet:0.25", labels=labels, name="Random")
     assert sd.done()
     res = json.loads(Path(sd.path("results.json")).read_text())

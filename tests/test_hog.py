@@ -7,7 +7,10 @@ import pyarrow.dataset as pads
 import pytest
 
 from ktray import schema
-from ktray.hog import bow_histograms, hog_descriptors, train_vocabulary
+from ktray.algos.hog import bow_histograms, hog_descriptors, train_vocabulary
+from ktray.config import load_config
+from ktray.data.shards import load_table
+from ktray.stages import hog
 
 
 def stripes(size: int, period: int, vertical: bool, phase: int = 0) -> np.ndarray:
@@ -44,10 +47,6 @@ def test_vocabulary_needs_enough_descriptors() -> None:
 def test_hog_stage_writes_a_features_table_for_every_train_image(
     ray_session: None, sample_shards: str, run_root: str
 ) -> None:
-    from ktray import hog
-    from ktray.config import load_config
-    from ktray.data import load_table
-
     cfg = load_config(
         None,
         [

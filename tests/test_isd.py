@@ -15,8 +15,25 @@ import pytest
 import torch
 from torch import nn
 
-from ktray import isd
-from ktray.config import load_config, replace
+from ktray.artifacts import EMA_TEACHER, STUDENT, TEACHER
+from ktray.config import DataConfig, load_config, replace
+from ktray.data.shards import _keep_rows, data_identity, image_ids, load_table, long_tail_ids
+from ktray.data.subsets import long_tail_counts, long_tail_mask
+from ktray.methods.isd import two_views, views_batch
+from ktray.models.similarity import (
+    DistillNet,
+    ISDNet,
+    ema_update,
+    enqueue,
+    nearest_agreement,
+    newest,
+    similarity_kl,
+    similarity_logits,
+)
+from ktray.models.trunks import load_trunk
+from ktray.rundir import StageDir
+from ktray.stages import embed, pretext, transfer
+from ktray.stages.embed import features_table
 from ktray.training import checkpoint_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,23 +46,23 @@ def test_ema_moves_the_teacher_by_exactly_the_momentum() -> None:
     torch.manual_seed(0)
     student, teacher = nn.Linear(5, 3), nn.Linear(5, 3)
     before = [p.detach().clone() for p in teacher.parameters()]
-    isd.ema_update(teacher, student, 0.9)
+    ema_update(teacher, student, 0.9)
     for t, t0, s in zip(teacher.parameters(), before, student.parameters(), strict=True):
         torch.testing.assert_close(t, 0.9 * t0 + 0.1 * s, rtol=0, atol=1e-7)
-    isd.ema_update(teacher, student, 0.0)  # m = 0: the teacher becomes the student
+    ema_update(teacher, student, 0.0)  # m = 0: the teacher becomes the student
     for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
         assert torch.equal(t, s)
 
 
 def test_isd_step_moves_the_teacher_by_the_configured_momentum_and_only_the_student_learns() -> None:
     torch.manual_seed(0)
-    net = isd.ISDNet("resnet18", 0.125, proj_dim=8, proj_hidden=16, queue_size=40, ema=0.99)
+    net = ISDNet("resnet18", 0.125, proj_dim=8, proj_hidden=16, queue_size=40, ema=0.99)
     # The teacher starts as a copy of the student and carries no gradient.
     for t, s in zip(net.teacher.parameters(), net.student.parameters(), strict=True):
         assert torch.equal(t, s) and not t.requires_grad
     opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.5)
     views = torch.randn(6, 2, 3, 32, 32)
-    loss = isd.similarity_kl(net(views))
+    loss = similarity_kl(net(views))
     opt.zero_grad()
     loss.backward()
     teacher_before = [p.detach().clone() for p in net.teacher.parameters()]
@@ -67,18 +84,18 @@ def test_queue_keeps_its_length_and_the_newest_keys_whatever_the_batch_size() ->
     seen: list[torch.Tensor] = []
     for n in (3, 3, 3, 3, 7, 1, 12, 2):  # wraps, a batch larger than the queue, K not a multiple of n
         keys = torch.randn(n, dim)
-        isd.enqueue(queue, ptr, keys)
+        enqueue(queue, ptr, keys)
         seen.extend(keys)
         assert queue.shape == (size, dim)
         held = min(len(seen), size)
-        torch.testing.assert_close(isd.newest(queue, ptr, held), torch.stack(seen[-held:]))
+        torch.testing.assert_close(newest(queue, ptr, held), torch.stack(seen[-held:]))
     # Exactly the newest K keys, no older one.
     assert {tuple(r.tolist()) for r in queue} == {tuple(r.tolist()) for r in seen[-size:]}
 
 
 def test_isd_step_enqueues_this_steps_keys() -> None:
     torch.manual_seed(0)
-    net = isd.ISDNet("resnet18", 0.125, proj_dim=8, proj_hidden=16, queue_size=20)
+    net = ISDNet("resnet18", 0.125, proj_dim=8, proj_hidden=16, queue_size=20)
     views = torch.randn(4, 2, 3, 32, 32)
     net(views)
     keys, _ = net.teacher_keys(views[:, 1])
@@ -86,8 +103,8 @@ def test_isd_step_enqueues_this_steps_keys() -> None:
     assert int(net.ptr) == 4
     # The teacher moved in after_step (ema), so compare with the keys of the forward: cosine ~1.
     assert net.queue.shape == (20, 8)
-    torch.testing.assert_close(isd.newest(net.queue, net.ptr, 4).norm(dim=1), torch.ones(4))
-    assert float((isd.newest(net.queue, net.ptr, 4) * keys).sum(1).min()) > 0.99
+    torch.testing.assert_close(newest(net.queue, net.ptr, 4).norm(dim=1), torch.ones(4))
+    assert float((newest(net.queue, net.ptr, 4) * keys).sum(1).min()) > 0.99
 
 
 # --------------------------------------------------------------------------- loss
@@ -97,49 +114,45 @@ def test_loss_is_zero_when_student_and_teacher_agree_and_positive_otherwise() ->
     torch.manual_seed(0)
     queue = nn.functional.normalize(torch.randn(64, 16), dim=1)
     q = nn.functional.normalize(torch.randn(8, 16), dim=1)
-    same = isd.similarity_logits(q, q, queue, t_student=0.05, t_teacher=0.05)
-    assert float(isd.similarity_kl(same)) == pytest.approx(0.0, abs=1e-6)
-    assert int(isd.nearest_agreement(same)) == 8
+    same = similarity_logits(q, q, queue, t_student=0.05, t_teacher=0.05)
+    assert float(similarity_kl(same)) == pytest.approx(0.0, abs=1e-6)
+    assert int(nearest_agreement(same)) == 8
     other = nn.functional.normalize(torch.randn(8, 16), dim=1)
-    assert float(isd.similarity_kl(isd.similarity_logits(q, other, queue, 0.05, 0.05))) > 0.01
+    assert float(similarity_kl(similarity_logits(q, other, queue, 0.05, 0.05))) > 0.01
     # The same embeddings at different temperatures are different distributions.
-    assert float(isd.similarity_kl(isd.similarity_logits(q, q, queue, 0.1, 0.01))) > 0.01
+    assert float(similarity_kl(similarity_logits(q, q, queue, 0.1, 0.01))) > 0.01
     # The gradient reaches the student only.
     qq = q.clone().requires_grad_(True)
     kk = other.clone().requires_grad_(True)
-    isd.similarity_kl(isd.similarity_logits(qq, kk, queue, 0.05, 0.05)).backward()
+    similarity_kl(similarity_logits(qq, kk, queue, 0.05, 0.05)).backward()
     assert qq.grad is not None and qq.grad.abs().sum() > 0 and kk.grad is None
 
 
 def test_distill_net_matches_teacher_space_and_queues_teacher_embeddings() -> None:
     torch.manual_seed(0)
-    net = isd.DistillNet("alexnet", 0.125, 12, hidden=16, queue_size=16)
+    net = DistillNet("alexnet", 0.125, 12, hidden=16, queue_size=16)
     x = torch.randn(4, 3, 64, 64)
     teacher = torch.randn(4, 12)
     out = net(x, teacher)
     assert out.shape == (4, 2, 16)
-    isd.similarity_kl(out).backward()
+    similarity_kl(out).backward()
     net.after_step()
-    torch.testing.assert_close(isd.newest(net.queue, net.ptr, 4), nn.functional.normalize(teacher, dim=1))
+    torch.testing.assert_close(newest(net.queue, net.ptr, 4), nn.functional.normalize(teacher, dim=1))
 
 
 # --------------------------------------------------------------------------- data
 
 
 def test_two_views_are_uint8_pairs_of_the_asked_size(sample_shards: str) -> None:
-    from ktray.data import load_table
-
     t = load_table(sample_shards, "train", ["image_id", "image"]).slice(0, 5)
-    out = isd.two_views({"image": np.array(t["image"].to_pylist(), dtype=object)}, 48, 64, 0.2, "weak")
+    out = two_views({"image": np.array(t["image"].to_pylist(), dtype=object)}, 48, 64, 0.2, "weak")
     assert out["views"].shape == (5, 2, 48, 48, 3) and out["views"].dtype == np.uint8
-    x, y = isd.views_batch({"views": torch.as_tensor(out["views"])}, torch.device("cpu"))
+    x, y = views_batch({"views": torch.as_tensor(out["views"])}, torch.device("cpu"))
     assert x.shape == (5, 2, 3, 48, 48) and y.shape == (5,)
     torch.testing.assert_close(x.mean(dim=(2, 3, 4)), torch.zeros(5, 2), atol=1e-4, rtol=0)
 
 
 def test_long_tail_subset_is_geometric_deterministic_and_by_label() -> None:
-    from ktray.data import long_tail_counts, long_tail_mask
-
     labels = np.repeat(np.arange(10), 100)
     np.random.default_rng(0).shuffle(labels)
     mask = long_tail_mask(labels, 10.0, seed=3)
@@ -156,9 +169,6 @@ def test_long_tail_subset_is_geometric_deterministic_and_by_label() -> None:
 
 def test_long_tail_cuts_only_the_train_split(sample_shards: str) -> None:
     import pyarrow as pa
-
-    from ktray.config import DataConfig
-    from ktray.data import _keep_rows, data_identity, load_table, long_tail_ids
 
     cfg = DataConfig(long_tail=5.0, long_tail_seed=1)
     keep = long_tail_ids(cfg)
@@ -177,9 +187,6 @@ def test_long_tail_cuts_only_the_train_split(sample_shards: str) -> None:
 
 
 def test_stage_folders_separate_methods_and_data_but_keep_old_names(sample_shards: str, run_root: str) -> None:
-    from ktray import embed, pretext, transfer
-    from ktray.rundir import StageDir
-
     cfg = load_config("tiny", [f"root={run_root}"])
     jig = pretext.output_dir(cfg)
     isd_dir = pretext.output_dir(replace(cfg, ["pretext.method=isd"]))
@@ -228,7 +235,7 @@ def _overrides(root: str) -> list[str]:
 
 _DRIVER = """
 import json, sys, ray
-from ktray import pretext
+from ktray.stages import pretext
 from ktray.config import load_config
 ray.init(address=sys.argv[1], log_to_driver=False)
 pretext.run(load_config(None, json.loads(sys.argv[2])))
@@ -238,9 +245,6 @@ pretext.run(load_config(None, json.loads(sys.argv[2])))
 @pytest.mark.slow
 def test_isd_two_workers_learn_checkpoint_and_resume_after_sigkill(ray_session: None, run_root: str) -> None:
     import ray
-
-    from ktray import pretext
-    from ktray.models import load_trunk
 
     overrides = _overrides(run_root)
     cfg = load_config(None, overrides)
@@ -293,9 +297,9 @@ def test_isd_two_workers_learn_checkpoint_and_resume_after_sigkill(ray_session: 
     assert all(h["images_per_s"] > 0 and 0 <= h["train_acc"] <= 1 for h in history)
 
     # 4. teacher.pt is a plain trunk file, as a Jigsaw++ teacher's: embed and evaluate load it unchanged.
-    trunk = load_trunk(sd.path(pretext.TEACHER))
+    trunk = load_trunk(sd.path(TEACHER))
     assert trunk.arch == "resnet18" and trunk.width == 0.125
-    assert load_trunk(sd.path(pretext.EMA_TEACHER)).arch == "resnet18"
+    assert load_trunk(sd.path(EMA_TEACHER)).arch == "resnet18"
 
 
 @pytest.mark.slow
@@ -304,12 +308,6 @@ def test_distill_student_trains_on_cached_teacher_embeddings(
 ) -> None:
     """transfer.method=distill on 2 workers, teacher embeddings read from an embed-style Parquet folder."""
     import pyarrow.parquet as pq
-
-    from ktray import transfer
-    from ktray.data import image_ids
-    from ktray.embed import features_table
-    from ktray.models import load_trunk
-    from ktray.rundir import StageDir
 
     cfg = load_config(None, [
         f"root={run_root}", "compute.device=cpu", "compute.num_workers=2", "compute.cpus_per_worker=0.5",
@@ -328,7 +326,7 @@ def test_distill_student_trains_on_cached_teacher_embeddings(
     assert sd.done() and sd == transfer.output_dir(cfg, features)
     m = sd.manifest()["metrics"]
     assert [h["step"] for h in m["history"]] == [1, 2] and m["summary"]["teacher_dim"] == 16
-    assert load_trunk(sd.path(transfer.STUDENT)).arch == "alexnet"
+    assert load_trunk(sd.path(STUDENT)).arch == "alexnet"
     state = torch.load(max(Path(sd.uri).glob("checkpoint_epoch_*")) / "state.pt", weights_only=True)["model"]
     # 2 epochs x 3 steps (48 images per worker, 16 per step); each step enqueues both workers' 32 embeddings.
     assert int(state["ptr"]) == (2 * 3 * 32) % 64

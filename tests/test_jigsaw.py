@@ -7,7 +7,9 @@ import time
 import numpy as np
 import pytest
 
-from ktray import jigsaw as J
+from ktray.algos import jigsaw as J
+from ktray.data.shards import load_table
+from ktray.methods.jigsaw import puzzle_batch
 
 
 def _sigma_bound(n: int, p: float) -> float:
@@ -192,17 +194,15 @@ def test_geometry_errors_are_clear() -> None:
 
 
 def test_puzzle_batch_decodes_real_images_and_seeds_val_puzzles(sample_shards: str) -> None:
-    from ktray.data import load_table
-
     table = load_table(sample_shards, "train").slice(0, 12)
     batch = {c: np.asarray(table[c].to_pylist(), dtype=object) for c in ("image_id", "image", "label")}
     perms = J.generate_permutations(10, 3)
     spec = J.PuzzleSpec(crop=96, tile=28, channel_shift=2)
     kw = {"perms": perms, "spec": spec, "image_size": 128}
-    a = J.puzzle_batch(batch, seed=7, repeats=2, **kw)
+    a = puzzle_batch(batch, seed=7, repeats=2, **kw)
     assert a["tiles"].shape == (24, 9, 3, 28, 28) and a["label"].shape == (24,)
-    b = J.puzzle_batch(batch, seed=7, repeats=2, **kw)
+    b = puzzle_batch(batch, seed=7, repeats=2, **kw)
     assert np.array_equal(a["tiles"], b["tiles"]) and np.array_equal(a["label"], b["label"])
-    c = J.puzzle_batch(batch, seed=None, **kw)
-    d = J.puzzle_batch(batch, seed=None, **kw)
+    c = puzzle_batch(batch, seed=None, **kw)
+    d = puzzle_batch(batch, seed=None, **kw)
     assert not np.array_equal(c["tiles"], d["tiles"])  # training: fresh puzzles every call

@@ -1,7 +1,7 @@
 """k-means: the pure math against faiss, the Ray actor group against the reference, the stage.
 
 Every comparison is against faiss itself (``faiss.Kmeans``, ``IndexFlatL2``) or against
-the single-process reference :func:`ktray.kmeans.lloyd`, which calls faiss directly; the
+the single-process reference :func:`ktray.algos.kmeans.lloyd`, which calls faiss directly; the
 expected values are derived in the test, none are typed in.
 """
 
@@ -17,10 +17,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ktray import kmeans as km
 from ktray import schema
+from ktray.algos import kmeans as km
+from ktray.artifacts import feature_files
 from ktray.config import Config, replace
+from ktray.data.shards import load_table
 from ktray.rundir import StageDir, stage_dir, write_manifest
+from ktray.stages import cluster
 
 
 def blobs(n: int, d: int, centers: int, seed: int = 0, spread: float = 4.0) -> np.ndarray:
@@ -211,7 +214,7 @@ def _shards(files: list[tuple[str, int]], actors: int, sub: np.ndarray | None = 
     bounds = np.concatenate([[0], np.cumsum(sizes)])
     train_local = [None if sub is None else sub[(sub >= bounds[i]) & (sub < bounds[i + 1])] - bounds[i]
                    for i in range(actors)]
-    return km.start_shards(parts, train_local, cpus_per_actor=0.25)
+    return cluster.start_shards(parts, train_local, cpus_per_actor=0.25)
 
 
 @pytest.mark.parametrize("actors", [1, 2, 4])
@@ -220,12 +223,12 @@ def test_distributed_equals_reference(ray_session: None, feature_dir, actors: in
     k, niter = 16, 8
     init = far_init(x, 13, 3)  # the same start for 1, 2 and 4 actors; the far ones force splits
     ref = km.lloyd(x, k, niter, centroids=init, seed=9)
-    group = _shards(km.feature_files(sd), actors)
+    group = _shards(feature_files(sd), actors)
     try:
-        res = km.distributed_lloyd(group, k, niter, centroids=init, seed=9)
-        table = km.assign_all(group, res.centroids)
+        res = cluster.distributed_lloyd(group, k, niter, centroids=init, seed=9)
+        table = cluster.assign_all(group, res.centroids)
     finally:
-        km.stop_shards(group)
+        cluster.stop_shards(group)
     assert res.splits == ref.splits and ref.splits[0] == 3
     np.testing.assert_allclose(res.objective, ref.objective, rtol=1e-9)
     np.testing.assert_allclose(res.centroids, ref.centroids, rtol=1e-6, atol=1e-6)
@@ -241,12 +244,12 @@ def test_distributed_init_and_subsample_equal_reference(ray_session: None, featu
     ref = km.lloyd(x, k, niter, seed=seed, init=init, max_points_per_centroid=mpc)
     sub = km.train_rows(len(x), k, seed, mpc)
     assert sub is not None and len(sub) == k * mpc
-    group = _shards(km.feature_files(sd), 3, sub)
+    group = _shards(feature_files(sd), 3, sub)
     try:
-        res = km.distributed_lloyd(group, k, niter, seed=seed, init=init)
-        table = km.assign_all(group, res.centroids)
+        res = cluster.distributed_lloyd(group, k, niter, seed=seed, init=init)
+        table = cluster.assign_all(group, res.centroids)
     finally:
-        km.stop_shards(group)
+        cluster.stop_shards(group)
     assert res.n_train == ref.n_train == k * mpc
     np.testing.assert_allclose(res.objective, ref.objective, rtol=1e-9)
     assert np.array_equal(table["cluster"].to_numpy(), ref.labels)
@@ -259,7 +262,7 @@ def test_restarted_actor_reloads_its_partition(ray_session: None, feature_dir) -
     k, niter = 10, 4
     init = x[:k].copy()
     ref = km.lloyd(x, k, niter, centroids=init)
-    group = _shards(km.feature_files(sd), 2)
+    group = _shards(feature_files(sd), 2)
     killed = []
 
     def kill_second(it: int, *_: float) -> None:
@@ -268,9 +271,9 @@ def test_restarted_actor_reloads_its_partition(ray_session: None, feature_dir) -
             killed.append(it)
 
     try:
-        res = km.distributed_lloyd(group, k, niter, centroids=init, on_iter=kill_second)
+        res = cluster.distributed_lloyd(group, k, niter, centroids=init, on_iter=kill_second)
     finally:
-        km.stop_shards(group)
+        cluster.stop_shards(group)
     assert killed == [1]
     np.testing.assert_allclose(res.objective, ref.objective, rtol=1e-9)
 
@@ -279,8 +282,6 @@ def test_restarted_actor_reloads_its_partition(ray_session: None, feature_dir) -
 
 
 def test_run_writes_labels_plots_and_nmi(ray_session: None, sample_shards: str, run_root: str) -> None:
-    from ktray.data import load_table
-
     images = load_table(sample_shards, split="train", columns=["image_id", "label"])
     ids = images["image_id"].to_pylist()
     y = images["label"].to_numpy()
@@ -291,7 +292,7 @@ def test_run_writes_labels_plots_and_nmi(ray_session: None, sample_shards: str, 
     cfg = replace(Config(root=run_root), ["cluster.k=10", "cluster.niter=10", "cluster.num_actors=2",
                                           "cluster.seed=5", "compute.device=cpu", "cluster.gallery_clusters=4",
                                           "cluster.gallery_images=4"])
-    sd = km.run(cfg, features, images=sample_shards)
+    sd = cluster.run(cfg, features, images=sample_shards)
     assert sd.done()
     labels = pq.read_table(sd.path("labels.parquet"))
     k = schema.check_labels(labels, images["image_id"])  # every image once, ids in 0..k-1
@@ -318,4 +319,4 @@ def test_run_writes_labels_plots_and_nmi(ray_session: None, sample_shards: str, 
     assert sum(stats["size_histogram"]["counts"]) == 10 and sum(stats["sizes"]) == len(ids)
     for name in ("gallery.png", "objective.png", "sizes.png"):
         assert Path(sd.path(name)).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert km.run(cfg, features, images=sample_shards) == sd  # done: returned without work
+    assert cluster.run(cfg, features, images=sample_shards) == sd  # done: returned without work

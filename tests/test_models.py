@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ktray import models as M
+from ktray.models import trunks as M
+from ktray.models.heads import build_jigsaw
 
 
 @pytest.mark.parametrize("arch", M.ARCHS)
@@ -54,7 +55,7 @@ def test_taps_run_only_as_deep_as_needed_and_refuse_unknown_names() -> None:
 @pytest.mark.parametrize("arch", ["alexnet", "resnet18"])
 def test_jigsaw_net_is_siamese_and_has_one_output_per_permutation(arch: str) -> None:
     torch.manual_seed(0)
-    net = M.build_jigsaw(arch, 0.25, num_classes=37, tile_dim=16, hidden=32).eval()
+    net = build_jigsaw(arch, 0.25, num_classes=37, tile_dim=16, hidden=32).eval()
     tiles = torch.randn(3, 9, 3, 32, 32)
     logits = net(tiles)
     assert logits.shape == (3, 37)

@@ -35,6 +35,9 @@ import pytest
 import yaml
 from local_cluster import RAY_CLI, LocalCluster, free_ports, http_status
 
+from ktray.data.decode import decode_batch
+from ktray.data.shards import read_images, sample_path
+
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_CONFIGS = ["cluster.yaml", "cluster-gcp.yaml"]
 # Metrics that exist only where NVML sees a physical GPU (Ray's node metrics).
@@ -306,7 +309,6 @@ def workload(max_s: float = 150.0) -> None:
     import ray
 
     from ktray import metrics
-    from ktray.data import decode_batch, read_images, sample_path
 
     ray.init()
 

@@ -20,9 +20,11 @@ import pytest
 from local_cluster import LocalCluster, MlflowServer, free_ports
 from workloads import FAST_PIPELINE
 
-from ktray import data, pipeline
-from ktray.config import load_config
+from ktray import pipeline, sweep
+from ktray.config import STAGES, load_config
+from ktray.data.shards import image_ids, sample_path
 from ktray.rundir import read_events
+from ktray.stages import cluster, embed, pretext
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,13 +75,13 @@ def test_job_runs_the_whole_pipeline(job_run: dict[str, str]) -> None:
     root = job_run["root"]
     assert "| stage |" in job_run["logs"] and "pipeline finished" in job_run["logs"]
     dirs = {p.name.split("-")[0]: p for p in Path(root).iterdir() if (p / "manifest.json").exists()}
-    assert set(dirs) == set(pipeline.STAGES)
+    assert set(dirs) == set(STAGES)
     labels = pq.read_table(dirs["cluster"] / "labels.parquet")
-    train_ids = data.image_ids(data.sample_path(), "train", 200).to_pylist()
+    train_ids = image_ids(sample_path(), "train", 200).to_pylist()
     assert sorted(labels["image_id"].to_pylist()) == sorted(train_ids)
     assert (dirs["evaluate"] / "summary.md").exists() and (dirs["transfer"] / "student.pt").exists()
     started = [e["stage"] for e in read_events(root) if e["event"] == "started"]
-    assert sorted(started) == sorted(pipeline.STAGES)  # each stage computed exactly once
+    assert sorted(started) == sorted(STAGES)  # each stage computed exactly once
 
 
 def test_mlflow_server_received_parent_and_nested_runs(job_run: dict[str, str]) -> None:
@@ -94,10 +96,10 @@ def test_mlflow_server_received_parent_and_nested_runs(job_run: dict[str, str]) 
     children = {
         r.data.tags["ktray.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
     }
-    assert set(children) == set(pipeline.STAGES)
+    assert set(children) == set(STAGES)
     pretext_loss = client.get_metric_history(children["pretext"].info.run_id, "loss")
     assert sorted(m.step for m in pretext_loss) == [1, 2]  # one point per epoch (steps are epochs), none twice
-    assert children["cluster"].data.params["cluster.k"] == "10"
+    assert children["cluster"].data.params["k"] == "10"
     assert "nmi" in children["cluster"].data.metrics
     artifacts = {a.path for a in client.list_artifacts(children["cluster"].info.run_id)}
     assert {"manifest.json", "gallery.png"} <= artifacts
@@ -112,7 +114,7 @@ def test_rerun_does_no_work(job_run: dict[str, str], ray_session: None) -> None:
     pipeline.run(_cfg(root))
     assert {p: p.stat().st_mtime_ns for p in Path(root).glob("*/manifest.json")} == before
     new = read_events(root)[n_events:]
-    assert [e["event"] for e in new] == ["reused"] * len(pipeline.STAGES)
+    assert [e["event"] for e in new] == ["reused"] * len(STAGES)
 
 
 def test_changing_k_recomputes_only_what_depends_on_it(job_run: dict[str, str], ray_session: None) -> None:
@@ -146,8 +148,6 @@ def test_unreachable_tracking_server_fails_before_work(tmp_path: Path) -> None:
 def test_sweep_trials_share_one_teacher_per_max_foreign() -> None:
     """The grid's trials differ only where they must: one pretext (and embed) folder per max_foreign,
     one cluster folder per (k, max_foreign). Trials reuse each other's folders as any run does."""
-    from ktray import embed, kmeans, pretext, sweep
-
     cfg = load_config("tiny", ["root=/nonexistent/runs", *FAST_PIPELINE])
     grid = [(k, m) for k in (10, 12, 14) for m in (0, 1, 2)]
     teachers = {(k, m): pretext.output_dir(sweep.trial_config(cfg, k, m)) for k, m in grid}
@@ -155,7 +155,7 @@ def test_sweep_trials_share_one_teacher_per_max_foreign() -> None:
     assert all(teachers[k, m] == teachers[10, m] for k, m in grid)
     features = {m: embed.output_dir(sweep.trial_config(cfg, 10, m), teachers[10, m]) for m in (0, 1, 2)}
     assert len(set(features.values())) == 3
-    clusters = {kmeans.output_dir(sweep.trial_config(cfg, k, m), features[m]) for k, m in grid}
+    clusters = {cluster.output_dir(sweep.trial_config(cfg, k, m), features[m]) for k, m in grid}
     assert len(clusters) == len(grid)
 
 
@@ -165,8 +165,6 @@ def test_sweep_runs_the_grid_in_the_jobs_run_root(job_run: dict[str, str], ray_s
     """Tune runs k in {10, 12} in the job's run root: every stage is reused from the job (k=10) and
     from test_changing_k (k=12; computed here when that test did not run), and the sweep writes its
     table, its best trial and its plot."""
-    from ktray import sweep
-
     root = job_run["root"]
     n_events = len(read_events(root))
     rows = sweep.run(_cfg(root, "sweep.k=[10, 12]", "sweep.max_foreign=[2]"))

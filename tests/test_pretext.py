@@ -15,8 +15,14 @@ import pyarrow as pa
 import pytest
 from workloads import pretext_overrides
 
-from ktray import pretext
+from ktray.algos.jigsaw import generate_permutations
 from ktray.config import load_config
+from ktray.data.shards import image_ids
+from ktray.data.subsets import is_held_out
+from ktray.methods import jigsaw
+from ktray.models.heads import build_jigsaw
+from ktray.models.trunks import load_trunk
+from ktray.stages import pretext
 from ktray.training import checkpoint_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,22 +30,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_heldout_slice_is_stable_disjoint_and_sized() -> None:
     ids = [f"train/n{c:03d}/img_{i}.JPEG" for c in range(10) for i in range(300)]
-    mask = pretext.is_heldout(ids, 0.1, seed=0)
-    assert np.array_equal(mask, pretext.is_heldout(ids, 0.1, seed=0))
+    mask = is_held_out(ids, 0.1, seed=0)
+    assert np.array_equal(mask, is_held_out(ids, 0.1, seed=0))
     assert abs(mask.mean() - 0.1) < 5 * np.sqrt(0.1 * 0.9 / len(ids))
     table = pa.table({"image_id": ids, "x": list(range(len(ids)))})
-    held = pretext._select(table, fraction=0.1, seed=0, heldout=True)
-    train = pretext._select(table, fraction=0.1, seed=0, heldout=False)
+    held = jigsaw._select(table, fraction=0.1, seed=0, heldout=True)
+    train = jigsaw._select(table, fraction=0.1, seed=0, heldout=False)
     assert held.num_rows + train.num_rows == len(ids)
     assert not set(held["image_id"].to_pylist()) & set(train["image_id"].to_pylist())
 
 
 def test_val_puzzles_are_fixed_and_train_puzzles_fresh(ray_session: None, sample_shards: str, run_root: str) -> None:
-    from ktray.jigsaw import generate_permutations
-
     cfg = load_config(None, [*pretext_overrides(run_root), "data.limit=120", "pretext.val_puzzles=50"])
     perms = generate_permutations(10, 3)
-    ds = pretext.build_datasets(cfg, perms, num_workers=2)
+    ds = jigsaw.build_datasets(cfg, perms, num_workers=2)
     val_a = ds["val"].take_batch(1000)
     val_b = ds["val"].take_batch(1000)
     assert len(val_a["label"]) == 50  # 50 is a multiple of the 2 workers: nothing trimmed
@@ -52,15 +56,13 @@ def test_val_puzzles_are_fixed_and_train_puzzles_fresh(ray_session: None, sample
 
 
 def _heldout_ids(path: str, cfg: object) -> list[str]:
-    from ktray.data import image_ids
-
     ids = image_ids(path, "train", 120).to_pylist()
-    return [i for i, h in zip(ids, pretext.is_heldout(ids, cfg.pretext.val_fraction, cfg.seed)) if h]  # type: ignore[attr-defined]
+    return [i for i, h in zip(ids, is_held_out(ids, cfg.pretext.val_fraction, cfg.seed)) if h]  # type: ignore[attr-defined]
 
 
 _DRIVER = """
 import json, sys, ray
-from ktray import pretext
+from ktray.stages import pretext
 from ktray.config import load_config
 ray.init(address=sys.argv[1], log_to_driver=False)
 pretext.run(load_config(None, json.loads(sys.argv[2])))
@@ -71,8 +73,6 @@ pretext.run(load_config(None, json.loads(sys.argv[2])))
 def test_two_workers_learn_checkpoint_and_resume_after_sigkill(ray_session: None, run_root: str) -> None:
     import ray
     import torch
-
-    from ktray.models import build_jigsaw, load_trunk
 
     overrides = pretext_overrides(run_root)
     cfg = load_config(None, overrides)
@@ -130,7 +130,7 @@ def test_two_workers_learn_checkpoint_and_resume_after_sigkill(ray_session: None
     assert summary["chance"] == pytest.approx(1 / cfg.pretext.num_permutations)
 
     # 4. Outputs: the permutation set sizes the classifier; the teacher loads with weights_only.
-    perms = pretext.load_permutations(sd, cfg.pretext.min_hamming)
+    perms = jigsaw.load_permutations(sd, cfg.pretext.min_hamming)
     assert perms.shape == (cfg.pretext.num_permutations, 9)
     last_ckpt = max(stage_path.glob("checkpoint_epoch_*"))
     state = torch.load(last_ckpt / "state.pt", weights_only=True)["model"]

@@ -13,7 +13,13 @@ from local_cluster import train_checkpoint_registered
 from workloads import TRANSFER_FAST, real_label_clusters
 
 from ktray import schema
-from ktray.transfer import attach_clusters, balanced_rates, is_holdout, join_clusters
+from ktray.artifacts import STUDENT
+from ktray.config import load_config
+from ktray.data.shards import load_table
+from ktray.data.subsets import is_held_out
+from ktray.methods.cluster_classification import balanced_rates, join_clusters
+from ktray.models.trunks import load_any_trunk, load_trunk
+from ktray.stages import transfer
 
 
 def own_cluster(image_id: str, k: int) -> int:
@@ -23,8 +29,6 @@ def own_cluster(image_id: str, k: int) -> int:
 
 @pytest.fixture(scope="module")
 def train_ids(sample_shards: str) -> list[str]:
-    from ktray.data import load_table
-
     return load_table(sample_shards, "train", ["image_id"])["image_id"].to_pylist()
 
 
@@ -50,7 +54,7 @@ def test_join_gives_every_image_its_own_cluster_whatever_the_order(train_ids: li
     for seed in (2, 3):
         order = np.random.default_rng(seed).permutation(len(train_ids))
         images = pa.table({"image_id": [train_ids[i] for i in order], "pos": order})  # images side shuffled
-        joined = attach_clusters(images, labels)
+        joined = join_clusters(images, labels, part="all")
         assert joined.num_rows == len(train_ids)
         got = dict(zip(joined["image_id"].to_pylist(), joined["cluster"].to_pylist(), strict=True))
         assert got == {i: own_cluster(i, k) for i in train_ids}
@@ -60,15 +64,15 @@ def test_join_gives_every_image_its_own_cluster_whatever_the_order(train_ids: li
 
 def test_join_drops_images_without_a_label(train_ids: list[str]) -> None:
     labels = labels_table(train_ids[:500], 10, seed=0)
-    out = attach_clusters(pa.table({"image_id": train_ids}), labels)
+    out = join_clusters(pa.table({"image_id": train_ids}), labels, part="all")
     assert sorted(out["image_id"].to_pylist()) == sorted(train_ids[:500])
-    assert attach_clusters(pa.table({"image_id": ["not-an-image"]}), labels).num_rows == 0
+    assert join_clusters(pa.table({"image_id": ["not-an-image"]}), labels, part="all").num_rows == 0
 
 
 def test_holdout_is_order_free_and_disjoint(train_ids: list[str]) -> None:
-    held = dict(zip(train_ids, is_holdout(train_ids, 0.2, seed=0), strict=True))
+    held = dict(zip(train_ids, is_held_out(train_ids, 0.2, seed=0), strict=True))
     rev = train_ids[::-1]
-    assert dict(zip(rev, is_holdout(rev, 0.2, seed=0), strict=True)) == held
+    assert dict(zip(rev, is_held_out(rev, 0.2, seed=0), strict=True)) == held
     n = len(train_ids)
     assert abs(sum(held.values()) - 0.2 * n) < 5 * math.sqrt(0.2 * 0.8 * n)  # Binomial(n, 0.2), 5 sigma
     labels = labels_table(train_ids, 10, seed=0)
@@ -108,9 +112,9 @@ def test_balanced_sampling_is_uniform_over_clusters() -> None:
 RUN_SCRIPT = """
 import sys
 import ray
-from ktray import transfer
 from ktray.config import load_config
 from ktray.rundir import StageDir
+from ktray.stages import transfer
 ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
 transfer.run(load_config(None, sys.argv[4:]), StageDir(sys.argv[1], sys.argv[2], sys.argv[3]))
 """
@@ -125,9 +129,6 @@ def test_transfer_learns_and_resumes_after_being_killed(
     import subprocess
     import sys
     import time
-
-    from ktray import evaluate, models, transfer
-    from ktray.config import load_config
 
     labels = real_label_clusters(run_root, sample_shards)
     epochs = 5
@@ -162,9 +163,9 @@ def test_transfer_learns_and_resumes_after_being_killed(
     assert summary["num_classes"] == 10 and summary["chance"] == 0.1 and summary["images_per_s"] > 0
     # Pseudo-label accuracy is scored on exactly the held-out labeled images (one worker: no remainder cut).
     ids = pq.read_table(labels.path("labels.parquet"))["image_id"].to_pylist()
-    assert history[-1]["val_n"] == is_holdout(ids, cfg.transfer.holdout_fraction, cfg.seed).sum() > 0
+    assert history[-1]["val_n"] == is_held_out(ids, cfg.transfer.holdout_fraction, cfg.seed).sum() > 0
     assert 0 <= summary["holdout_acc"] <= 1
     # The weights file is a trunk the evaluate stage reads back, with every tap.
-    trunk = models.load_trunk(sd.path(transfer.STUDENT))
+    trunk = load_trunk(sd.path(STUDENT))
     assert trunk.arch == "alexnet" and trunk.width == 0.25
-    assert evaluate.load_any_trunk(sd.path(transfer.STUDENT)).taps is not None
+    assert load_any_trunk(sd.path(STUDENT)).taps is not None

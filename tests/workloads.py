@@ -10,7 +10,9 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from ktray import schema
-from ktray.data import limited_rows, load_table
+from ktray.data.shards import load_table
+from ktray.data.subsets import limited_rows
+from ktray.models.trunks import build_trunk, save_weights
 from ktray.rundir import StageDir, stage_dir, write_bytes_atomic, write_manifest
 
 # The tiny preset, smaller still: these runs check mechanics, not accuracy.
@@ -77,8 +79,6 @@ def random_teacher(root: str, arch: str = "alexnet", width: float = 0.25, seed: 
     """A pretext-stage folder holding a randomly initialised trunk (the paper's 'random' floor)."""
     import torch
 
-    from ktray.models import build_trunk, save_weights
-
     torch.manual_seed(seed)
     sd = stage_dir(root, "pretext", {"random": arch, "width": width, "seed": seed})
     sd.make()
@@ -91,7 +91,7 @@ def real_label_clusters(run_root: str, sample_shards: str, limit: int = 400) -> 
     """A cluster stage folder whose pseudo-labels are the real labels: learnable by design.
 
     It labels the train images ``data.limit=limit`` streams, ``limit / 10`` of each of the
-    sample's 10 classes (:func:`ktray.data.limited_rows`): run the transfer stage on it with
+    sample's 10 classes (:func:`ktray.data.subsets.limited_rows`): run the transfer stage on it with
     that limit.
     """
     sub = limited_rows(load_table(sample_shards, "train", ["image_id", "label"]), limit)

@@ -26,7 +26,11 @@ from PIL import Image
 from workloads import jpeg_bytes as _jpeg
 from workloads import png_bytes as _png
 
-from ktray import data, schema
+from ktray import schema
+from ktray.data.decode import DecodeError, decode_batch, decode_image, open_rgb
+from ktray.data.pack import REPORT, pack
+from ktray.data.pack import info as pack_info
+from ktray.data.shards import iter_entries, load_table
 
 
 @pytest.fixture()
@@ -57,7 +61,7 @@ def messy_folder(tmp_path: Path) -> Path:
 
 def test_pack_messy_folder_counts_report_and_pixels(messy_folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "shards"
-    report = data.pack(messy_folder, str(out), progress=False)
+    report = pack(messy_folder, str(out), progress=False)
     assert report["classes"] == ["cat", "dog"]
     assert report["splits"]["train"]["images"] == 7
     assert report["splits"]["val"]["images"] == 2
@@ -66,9 +70,9 @@ def test_pack_messy_folder_counts_report_and_pixels(messy_folder: Path, tmp_path
                             "train/dog/README.txt"}
     assert skipped["train/cat/empty.jpg"] == "empty file"
     assert all(reason for reason in skipped.values())
-    assert (out / data.REPORT).exists()
+    assert (out / REPORT).exists()
 
-    table = data.load_table(str(out))
+    table = load_table(str(out))
     schema.check_images(table.schema)
     rows = {r["image_id"]: r for r in table.to_pylist()}
     # packing keeps the original bytes: conversion happens when decoded
@@ -76,7 +80,7 @@ def test_pack_messy_folder_counts_report_and_pixels(messy_folder: Path, tmp_path
     assert rows["train/dog/alpha.png"]["label"] == 1 and rows["val/cat/v1.jpg"]["split"] == "val"
 
     def pix(rel: str) -> np.ndarray:
-        arr = data.decode_image(rows[rel]["image"], 8)
+        arr = decode_image(rows[rel]["image"], 8)
         assert arr is not None and arr.shape == (8, 8, 3) and arr.dtype == np.uint8
         return arr.reshape(-1, 3).mean(0)
 
@@ -89,28 +93,28 @@ def test_pack_messy_folder_counts_report_and_pixels(messy_folder: Path, tmp_path
     assert np.allclose(pix("train/dog/sixteen.png"), (255, 255, 255))  # 16-bit scaled, not clipped garbage
     assert np.allclose(pix("train/dog/tiny.png"), (5, 6, 7))
 
-    info = data.info(str(out))
+    info = pack_info(str(out))
     assert info["splits"] == report["splits"] and len(info["skipped"]) == 4
 
 
 def test_repack_adds_nothing(messy_folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "shards"
-    data.pack(messy_folder, str(out), progress=False)
+    pack(messy_folder, str(out), progress=False)
     before = {f.name: f.stat().st_mtime_ns for f in out.glob("*.parquet")}
-    data.pack(messy_folder, str(out), progress=False)
+    pack(messy_folder, str(out), progress=False)
     after = {f.name: f.stat().st_mtime_ns for f in out.glob("*.parquet")}
     assert before == after
-    assert sorted(data.iter_entries(str(out))) == sorted(set(data.iter_entries(str(out))))
+    assert sorted(iter_entries(str(out))) == sorted(set(iter_entries(str(out))))
 
 
 def test_decode_guards() -> None:
-    assert data.decode_image(b"", 8) is None
-    assert data.decode_image(b"GIF89a garbage", 8) is None
+    assert decode_image(b"", 8) is None
+    assert decode_image(b"GIF89a garbage", 8) is None
     bomb = _png(Image.new("L", (10_000, 10_000)))
-    with pytest.raises(data.DecodeError, match="pixel limit"):
-        data.open_rgb(bomb)
-    assert data.decode_image(bomb, 8) is None
-    big = data.decode_image(_jpeg((50, 100, 150), size=(300, 200)), 64, mode="random", rng=np.random.default_rng(0))
+    with pytest.raises(DecodeError, match="pixel limit"):
+        open_rgb(bomb)
+    assert decode_image(bomb, 8) is None
+    big = decode_image(_jpeg((50, 100, 150), size=(300, 200)), 64, mode="random", rng=np.random.default_rng(0))
     assert big is not None and big.shape == (64, 64, 3)
 
 
@@ -120,7 +124,7 @@ def test_decode_batch_drops_bad_rows() -> None:
         "image": np.array([_jpeg((1, 2, 3)), b"nope", _jpeg((3, 2, 1))], dtype=object),
         "label": np.array([0, 1, None], dtype=object),
     }
-    out = data.decode_batch(batch, 16)
+    out = decode_batch(batch, 16)
     assert list(out["image_id"]) == ["a", "c"]
     assert out["pixels"].shape == (2, 16, 16, 3)
     assert list(out["label"]) == [0, -1]
@@ -136,18 +140,18 @@ def test_archives_and_unsafe_entries(messy_folder: Path, tmp_path: Path) -> None
     tpath = tmp_path / "set.tar.gz"
     with tarfile.open(tpath, "w:gz") as t:
         t.add(messy_folder, arcname="myset")
-    zrep = data.pack(zpath, str(tmp_path / "z"), progress=False)
-    trep = data.pack(tpath, str(tmp_path / "t"), progress=False)
+    zrep = pack(zpath, str(tmp_path / "z"), progress=False)
+    trep = pack(tpath, str(tmp_path / "t"), progress=False)
     assert zrep["splits"] == trep["splits"]
     assert any(s["reason"].startswith("unsafe path") for s in zrep["skipped"])
     assert not (tmp_path / "evil.jpg").exists() and not (tmp_path.parent / "evil.jpg").exists()
-    assert set(data.iter_entries(str(tmp_path / "z"))) == set(data.iter_entries(str(tmp_path / "t")))
+    assert set(iter_entries(str(tmp_path / "z"))) == set(iter_entries(str(tmp_path / "t")))
 
 
 def test_killed_pack_resumes_without_duplicates(sample_shards: str, tmp_path: Path) -> None:
     """A pack killed with SIGKILL midway leaves only whole shards; a rerun finishes the job."""
     src = tmp_path / "src"
-    table = data.load_table(sample_shards)
+    table = load_table(sample_shards)
     for image_id, blob in zip(table["image_id"].to_pylist(), table["image"].to_pylist()):
         (src / image_id).parent.mkdir(parents=True, exist_ok=True)
         (src / image_id).write_bytes(blob)
@@ -161,12 +165,12 @@ def test_killed_pack_resumes_without_duplicates(sample_shards: str, tmp_path: Pa
     proc.wait()
     written = len(list(out.glob("*.parquet")))
     expected = set(table["image_id"].to_pylist())
-    assert written >= 20 and len(set(data.iter_entries(str(out)))) < len(expected), "kill landed too late"
+    assert written >= 20 and len(set(iter_entries(str(out)))) < len(expected), "kill landed too late"
     for f in out.glob("*.parquet"):  # every visible shard is whole
         pq.read_table(f)
     with pytest.raises(ValueError, match="another --shard-mb"):
-        data.pack(src, str(out), progress=False)  # a different plan must not be mixed in
-    data.pack(src, str(out), shard_mb=0.004, progress=False, workers=1)
-    ids = list(data.iter_entries(str(out)))
+        pack(src, str(out), progress=False)  # a different plan must not be mixed in
+    pack(src, str(out), shard_mb=0.004, progress=False, workers=1)
+    ids = list(iter_entries(str(out)))
     assert len(ids) == len(set(ids)) == len(expected) and set(ids) == expected
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]

@@ -20,9 +20,11 @@ import pyarrow.parquet as pq
 import pytest
 from workloads import real_label_clusters
 
-from ktray import schema, transfer
+from ktray import schema
 from ktray.config import load_config
+from ktray.data.shards import image_ids
 from ktray.rundir import StageDir, stage_dir, write_bytes_atomic, write_manifest
+from ktray.stages import transfer
 
 N = 400  # real_label_clusters labels the 400 train images data.limit=400 streams (10 classes x 40)
 
@@ -96,8 +98,6 @@ def test_transfer_refuses_a_broken_labels_table(name: str, sample_shards: str, r
 
 
 def test_a_good_table_passes_the_boundary(sample_shards: str, run_root: str) -> None:
-    from ktray.data import image_ids
-
     good = real_label_clusters(run_root, sample_shards)
     table = pq.read_table(good.path("labels.parquet"))
     assert schema.check_labels(table, image_ids(sample_shards, "train", N)) == 10

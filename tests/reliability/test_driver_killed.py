@@ -23,9 +23,8 @@ import pytest
 from faults import kill_session, start_run, wait_for_event
 from workloads import FAST_PIPELINE
 
-from ktray.config import load_config
-from ktray.data import image_ids, sample_path
-from ktray.pipeline import STAGES
+from ktray.config import STAGES, load_config
+from ktray.data.shards import image_ids, sample_path
 from ktray.rundir import read_events
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]  # minutes on CI; more on a loaded machine

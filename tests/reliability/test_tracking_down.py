@@ -15,8 +15,7 @@ from faults import start_run, wait_for_event
 from local_cluster import MlflowServer
 from workloads import FAST_PIPELINE
 
-from ktray.config import load_config
-from ktray.pipeline import STAGES
+from ktray.config import STAGES, load_config
 from ktray.rundir import StageDir
 from ktray.tracking import Tracker
 

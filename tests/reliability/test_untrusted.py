@@ -18,9 +18,13 @@ import numpy as np
 import pytest
 import torch
 
-from ktray import embed, models, pretext, training
+from ktray import training
+from ktray.artifacts import PERMUTATIONS
 from ktray.config import ConfigError, iter_fields, load_config
+from ktray.methods.jigsaw import load_permutations
+from ktray.models.trunks import load_trunk
 from ktray.rundir import join, stage_dir
+from ktray.stages.embed import load_pca
 
 
 class Payload:
@@ -55,15 +59,15 @@ def _load_checkpoint(path: Path) -> object:
 def _load_permutations(path: Path) -> object:
     sd = stage_dir(str(path.parent), "pretext", {})
     Path(sd.uri).mkdir()
-    path.rename(sd.path(pretext.PERMUTATIONS))
-    return pretext.load_permutations(sd)
+    path.rename(sd.path(PERMUTATIONS))
+    return load_permutations(sd)
 
 
 LOADERS = {
-    "weights file": (_torch_file, "teacher.pt", lambda p: models.load_trunk(str(p))),
+    "weights file": (_torch_file, "teacher.pt", lambda p: load_trunk(str(p))),
     "training checkpoint": (_torch_file, training.STATE_FILE, _load_checkpoint),
     "permutation set": (_npy_file, "permutations.npy", _load_permutations),
-    "PCA file": (_npz_file, "pca.npz", lambda p: embed.load_pca(str(p))),
+    "PCA file": (_npz_file, "pca.npz", lambda p: load_pca(str(p))),
 }
 
 
@@ -82,12 +86,12 @@ def test_foreign_weights_file_is_refused(tmp_path: Path) -> None:
     bad = tmp_path / "bad.pt"
     torch.save({"state_dict": {}}, bad)
     with pytest.raises(ValueError, match="not a ktray weights file"):
-        models.load_trunk(str(bad))
+        load_trunk(str(bad))
     buf = io.BytesIO()
     torch.save({"arch": "alexnet", "width": 1.0, "state_dict": {}, "obj": Path("/")}, buf)
     (tmp_path / "obj.pt").write_bytes(buf.getvalue())
     with pytest.raises(Exception, match=r"[Ww]eights only load failed|Unsupported global"):
-        models.load_trunk(str(tmp_path / "obj.pt"))
+        load_trunk(str(tmp_path / "obj.pt"))
 
 
 # Config strings that name something inside the run (splits, run and experiment names) carry a

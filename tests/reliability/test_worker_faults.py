@@ -22,10 +22,10 @@ from faults import Killer
 from local_cluster import MlflowServer, train_checkpoint_registered
 from workloads import TRANSFER_FAST, pretext_overrides, random_teacher, real_label_clusters
 
-from ktray import embed, kmeans, pretext, transfer
 from ktray.config import Config, load_config, replace
-from ktray.data import image_ids
+from ktray.data.shards import image_ids
 from ktray.rundir import StageDir
+from ktray.stages import cluster, embed, pretext, transfer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]  # minutes on CI; more on a loaded machine
 EPOCHS = 3
@@ -119,12 +119,12 @@ def test_kmeans_actor_killed(ray_session: None, sample_shards: str, tmp_path: Pa
         "cluster.k=20", "cluster.niter=600", "cluster.num_actors=2",
     ])
     features = embed.run(base, teacher)
-    clean = kmeans.run(replace(base, [f"root={tmp_path / 'clean'}"]), features)
+    clean = cluster.run(replace(base, [f"root={tmp_path / 'clean'}"]), features)
     cfg = replace(base, [f"root={tmp_path / 'killed'}"])
-    sd = kmeans.output_dir(cfg, features)
+    sd = cluster.output_dir(cfg, features)
     # The fault: one k-means actor process dies by SIGKILL between or during Lloyd iterations.
     with Killer("KMeansShard", ready=lambda: True, running=lambda: not sd.done(), delay=2.0) as kill:
-        out = kmeans.run(cfg, features)
+        out = cluster.run(cfg, features)
     assert kill.pids and kill.stage_running, kill.error or "the kill landed after the stage finished"
     a, b = (pq.read_table(s.path("labels.parquet")).sort_by("image_id") for s in (clean, out))
     assert a["image_id"].to_pylist() == b["image_id"].to_pylist()
