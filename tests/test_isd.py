@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ktray.artifacts import EMA_TEACHER, STUDENT, TEACHER
 from ktray.config import DataConfig, load_config, replace
@@ -26,7 +26,6 @@ from ktray.models.similarity import (
     ema_update,
     enqueue,
     nearest_agreement,
-    newest,
     similarity_kl,
     similarity_logits,
 )
@@ -40,6 +39,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------- EMA teacher
+
+
+def newest(queue: Tensor, ptr: Tensor, n: int) -> Tensor:
+    """The ``n`` newest rows of the ring, oldest of them first."""
+    size = queue.shape[0]
+    idx = (torch.arange(n, device=queue.device) + int(ptr) - n) % size
+    return queue[idx]
 
 
 def test_ema_moves_the_teacher_by_exactly_the_momentum() -> None:

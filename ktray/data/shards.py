@@ -9,7 +9,6 @@ the limit rule, the long-tailed subset), so stage folders change when the data d
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -184,10 +183,3 @@ def read_split(cfg: DataConfig, split: str | None, blocks: bool = True) -> ray.d
     if keep is None or split not in (None, cfg.train_split):
         return ds
     return ds.map_batches(_keep_rows, batch_format="pyarrow", fn_kwargs={"keep": keep, "split": cfg.train_split})
-
-
-def iter_entries(path: str) -> Iterator[str]:
-    """Every image_id in a shard directory (for tests and checks)."""
-    for f in shard_files(path):
-        fs, p = filesystem(f)
-        yield from pq.read_table(p, filesystem=fs, columns=["image_id"])["image_id"].to_pylist()

@@ -61,13 +61,6 @@ def enqueue(queue: Tensor, ptr: Tensor, keys: Tensor) -> None:
     ptr.fill_((p + n) % size)
 
 
-def newest(queue: Tensor, ptr: Tensor, n: int) -> Tensor:
-    """The ``n`` newest rows of the ring, oldest of them first (for tests and inspection)."""
-    size = queue.shape[0]
-    idx = (torch.arange(n, device=queue.device) + int(ptr) - n) % size
-    return queue[idx]
-
-
 def similarity_logits(q: Tensor, k: Tensor, queue: Tensor, t_student: float, t_teacher: float) -> Tensor:
     """``(B, 2, K)``: student logits ``q.Q/T_s`` and teacher logits ``k.Q/T_t`` in float32.
 
