@@ -2,12 +2,19 @@
 
 One pipeline is computed once, through ``ray job submit`` on a ``ray start --head`` cluster
 (a separate process), logging to an ``mlflow server`` on loopback; the tests after it reuse
-that run root to check reruns, changed parameters and ``--force``.
+that run root to check reruns, changed parameters, ``--force`` and sweeps.
+
+The MLflow server is killed while the job runs (after pretext, while embed, cluster and
+transfer run) and brought back before the end. Must: training does not die; what could not
+be logged is logged once the server is back (each stage once, each epoch once); a server
+that never comes back leaves a warning naming what was not logged, and the run directory
+still holds everything.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shlex
 import subprocess
 import sys
@@ -23,8 +30,9 @@ from workloads import FAST_PIPELINE
 from ktray import pipeline, sweep
 from ktray.config import STAGES, load_config
 from ktray.data.shards import image_ids, sample_path
-from ktray.rundir import read_events
+from ktray.rundir import StageDir, read_events
 from ktray.stages import cluster, embed, pretext
+from ktray.tracking import Tracker
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,12 +65,31 @@ def job_run(
         runtime_env={"working_dir": str(REPO), "excludes": [".venv/", "runs/", ".git/", "*.egg-info/"]},
     )
     deadline = time.time() + 2000  # about 5 min on a quiet 2-core machine, 15 under heavy load
+    ended = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+
+    def wait_for(stage: str, event: str) -> bool:
+        """Until ``stage`` logged ``event``; False if the job ended first."""
+        while time.time() < deadline:
+            if any(e["stage"] == stage and e["event"] == event for e in read_events(root)):
+                return True
+            if client.get_job_status(job_id) in ended:
+                return False
+            time.sleep(0.5)
+        raise TimeoutError(f"no {event} event for {stage}")
+
+    # The fault: the tracking server is gone while embed, cluster and transfer run, and back before the end.
+    outage = wait_for("pretext", "finished")
+    if outage:
+        mlflow_server.kill()
+        wait_for("transfer", "started")
+        mlflow_server.start()
     status = client.get_job_status(job_id)
-    while status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED} and time.time() < deadline:
+    while status not in ended and time.time() < deadline:
         time.sleep(3)
         status = client.get_job_status(job_id)
     logs = client.get_job_logs(job_id)
     assert status == JobStatus.SUCCEEDED, logs[-5000:]
+    assert outage, "the job ended before the tracking server could be taken away"
     return {"root": root, "logs": logs, "mlflow": mlflow_server.uri}
 
 
@@ -97,14 +124,55 @@ def test_mlflow_server_received_parent_and_nested_runs(job_run: dict[str, str]) 
         r.data.tags["ktray.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
     }
     assert set(children) == set(STAGES)
-    pretext_loss = client.get_metric_history(children["pretext"].info.run_id, "loss")
-    assert sorted(m.step for m in pretext_loss) == [1, 2]  # one point per epoch (steps are epochs), none twice
+    # One point per epoch (steps are epochs), none twice: logged while the server was up, and after it came back.
+    for stage in ("pretext", "transfer"):
+        steps = [m.step for m in client.get_metric_history(children[stage].info.run_id, "loss")]
+        assert sorted(steps) == [1, 2], f"{stage}: loss steps {steps}"
+    assert all(c.info.status == "FINISHED" for c in children.values())
+    assert "could not log stage" in job_run["logs"], "the outage was not even noticed"
     assert children["cluster"].data.params["k"] == "10"
     assert "nmi" in children["cluster"].data.metrics
     artifacts = {a.path for a in client.list_artifacts(children["cluster"].info.run_id)}
     assert {"manifest.json", "gallery.png"} <= artifacts
     assert "student.pt" in {a.path for a in client.list_artifacts(children["transfer"].info.run_id)}
     assert "summary.md" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+def _stage_dirs(root: Path) -> list[StageDir]:
+    dirs = []
+    for stage in STAGES:
+        (path,) = root.glob(f"{stage}-*/manifest.json")
+        name = path.parent.name
+        dirs.append(StageDir(stage, name.split("-", 1)[1], str(path.parent)))
+    return dirs
+
+
+def test_tracking_server_gone_for_good_leaves_a_warning(job_run: dict[str, str], tmp_path: Path) -> None:
+    """Logging degrades to a warning naming what is missing; nothing raises; the run directory holds everything."""
+    root = Path(job_run["root"])
+    server = MlflowServer(tmp_path / "mlflow")
+    (tmp_path / "mlflow").mkdir()
+    server.start()
+    cfg = load_config("tiny", [f"root={root}", *FAST_PIPELINE, f"tracking.uri={server.uri}",
+                               "tracking.experiment=gone"])
+    tracker = Tracker(cfg)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger("ktray.tracking").addHandler(handler)
+    try:
+        with tracker.pipeline_run("gone"):
+            server.kill()
+            for sd in _stage_dirs(root):
+                tracker.log_stage(sd, reused=True)
+    finally:
+        logging.getLogger("ktray.tracking").removeHandler(handler)
+        server.stop()
+    final = [r.getMessage() for r in records if "stayed unreachable" in r.getMessage()]
+    assert final, [r.getMessage() for r in records]
+    for stage in STAGES:
+        assert f"log stage {stage}-" in final[-1]
+    assert all(sd.done() for sd in _stage_dirs(root))
 
 
 def test_rerun_does_no_work(job_run: dict[str, str], ray_session: None) -> None:

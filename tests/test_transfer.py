@@ -115,8 +115,8 @@ import ray
 from ktray.config import load_config
 from ktray.rundir import StageDir
 from ktray.stages import transfer
-ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-transfer.run(load_config(None, sys.argv[4:]), StageDir(sys.argv[1], sys.argv[2], sys.argv[3]))
+ray.init(address=sys.argv[4], log_to_driver=False)
+transfer.run(load_config(None, sys.argv[5:]), StageDir(sys.argv[1], sys.argv[2], sys.argv[3]))
 """
 
 
@@ -136,10 +136,14 @@ def test_transfer_learns_and_resumes_after_being_killed(
     cfg = load_config(None, overrides)
     sd = transfer.output_dir(cfg, labels)
 
-    # A first run, killed (SIGKILL, driver and its Ray together) once the first epoch's checkpoint exists.
+    import ray
+
+    # A first run, driven from its own process on the tests' Ray, SIGKILLed once the first epoch's
+    # checkpoint exists.
     log = open(tmp_path / "killed.log", "w")  # noqa: SIM115 - closed below
+    gcs = ray.get_runtime_context().gcs_address
     proc = subprocess.Popen(
-        [sys.executable, "-c", RUN_SCRIPT, labels.stage, labels.key, labels.uri, *overrides],
+        [sys.executable, "-c", RUN_SCRIPT, labels.stage, labels.key, labels.uri, gcs, *overrides],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     deadline = time.time() + 600
