@@ -104,6 +104,12 @@ class TrainResult:
     def summary(self) -> dict[str, float]:
         return dict(self.history[-1]) if self.history else {}
 
+    def headline(self, *keys: str) -> dict[str, float]:
+        """The last epoch's ``keys``, how many epochs ran, and the epoch the last (re)start began at."""
+        last = self.summary
+        return {**{k: last[k] for k in keys}, "epochs": float(last["epoch"]),
+                "resumed_from_epoch": float(self.starts[-1])}
+
     def history_rows(self) -> list[dict[str, float]]:
         """The per-epoch history as manifest rows: ``step`` is the epoch."""
         return [{"step": int(h["epoch"]), **{k: v for k, v in h.items() if k != "epoch"}} for h in self.history]

@@ -77,14 +77,10 @@ def compute(cfg: Config, sd: StageDir, labels: StageDir) -> Output:
     save_weights(student.trunk, sd.path(STUDENT))
     last = result.summary
     summary = {
-        "loss": last["loss"],
-        "train_acc": last["train_acc"],
-        "images_per_s": last["images_per_s"],
+        **result.headline("loss", "train_acc", "images_per_s"),
         "num_classes": float(k),
         "nonempty_clusters": float(used),
         "chance": 1.0 / used,
-        "epochs": float(last["epoch"]),
-        "resumed_from_epoch": float(result.starts[-1]),
     }
     if "val_acc" in last:
         summary.update({"holdout_acc": last["val_acc"], "holdout_loss": last["val_loss"]})

@@ -73,14 +73,10 @@ def compute(cfg: Config, sd: StageDir, features: StageDir) -> Output:
     net = build()
     net.load_state_dict(result.state_dict)
     save_weights(net.trunk, sd.path(STUDENT))
-    last = result.summary
     summary = {
-        "loss": last["loss"],
-        "agreement": last["train_acc"],
-        "images_per_s": last["images_per_s"],
+        **result.headline("loss", "images_per_s"),
+        "agreement": result.summary["train_acc"],  # same nearest anchor for student and teacher
         "teacher_dim": float(dim),
-        "epochs": float(last["epoch"]),
-        "resumed_from_epoch": float(result.starts[-1]),
     }
     print(f"transfer: done; distillation loss {summary['loss']:.4f}, nearest-anchor agreement "
           f"{summary['agreement']:.3f}", flush=True)

@@ -70,14 +70,10 @@ def compute(cfg: Config, sd: StageDir) -> Output:
     net.load_state_dict(result.state_dict)
     save_weights(net.trunk, sd.path(TEACHER))
     save_weights(net.teacher.trunk, sd.path(EMA_TEACHER))  # type: ignore[arg-type]
-    last = result.summary
     summary = {
-        "loss": last["loss"],
-        "agreement": last["train_acc"],  # same nearest anchor for student and teacher
-        "images_per_s": last["images_per_s"],
+        **result.headline("loss", "images_per_s"),
+        "agreement": result.summary["train_acc"],  # same nearest anchor for student and teacher
         "queue_size": float(i.queue_size),
-        "epochs": float(last["epoch"]),
-        "resumed_from_epoch": float(result.starts[-1]),
     }
     print(f"pretext: done; ISD loss {summary['loss']:.4f}, nearest-anchor agreement {summary['agreement']:.3f}",
           flush=True)

@@ -77,17 +77,10 @@ def compute(cfg: Config, sd: StageDir) -> Output:
     net = build()
     net.load_state_dict(result.state_dict)
     save_weights(net.trunk, sd.path(TEACHER))
-    last = result.summary
     summary = {
-        "loss": last["loss"],
-        "train_acc": last["train_acc"],
-        "val_acc": last["val_acc"],
-        "val_loss": last["val_loss"],
-        "puzzles_per_s": last["puzzles_per_s"],
+        **result.headline("loss", "train_acc", "val_acc", "val_loss", "puzzles_per_s"),
         "chance": 1.0 / len(perms),
         "num_permutations": float(len(perms)),
-        "epochs": float(last["epoch"]),
-        "resumed_from_epoch": float(result.starts[-1]),
     }
     print(f"pretext: done; held-out puzzle accuracy {summary['val_acc']:.3f} (chance {summary['chance']:.4f})",
           flush=True)
