@@ -1,4 +1,4 @@
-"""The pretext stage on a real local Ray: 2 CPU workers, real checkpoints, a real SIGKILL."""
+"""The pretext stage on a real local Ray: 2 CPU workers, real checkpoints, real SIGKILLs (driver, then worker)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from local_cluster import train_checkpoint_registered
+from reliability.faults import Killer
 from workloads import pretext_overrides
 
 from ktray.algos.jigsaw import generate_permutations
@@ -70,7 +72,7 @@ pretext.run(load_config(None, json.loads(sys.argv[2])))
 
 
 @pytest.mark.slow
-def test_two_workers_learn_checkpoint_and_resume_after_sigkill(ray_session: None, run_root: str) -> None:
+def test_two_workers_learn_and_survive_a_killed_driver_and_a_killed_worker(ray_session: None, run_root: str) -> None:
     import ray
     import torch
 
@@ -111,15 +113,24 @@ def test_two_workers_learn_checkpoint_and_resume_after_sigkill(ray_session: None
     }
     assert left, "no checkpoint survived"
 
-    # 2. Running the same stage again resumes from the last checkpoint and finishes.
-    again = pretext.run(cfg)
+    # 2. Running the same stage again resumes from the last checkpoint. The second fault: one Ray
+    #    Train worker is SIGKILLed a moment after the resumed run registers its first new checkpoint;
+    #    FailureConfig restarts the worker group from that checkpoint, and the run finishes.
+    newer = max(left) + 1
+    with Killer("RayTrainWorker", ready=lambda: train_checkpoint_registered(sd.uri, newer),
+                running=lambda: not sd.done(), delay=1.5) as kill:
+        again = pretext.run(cfg)
+    assert kill.pids and kill.stage_running, kill.error or "the worker kill landed after the stage finished"
     assert again == sd and sd.done()
     metrics = sd.manifest()["metrics"]
     history, summary = metrics["history"], metrics["summary"]
-    resumed = int(summary["resumed_from_epoch"])
-    assert resumed >= 1 and resumed in left
-    assert [h["step"] for h in history] == list(range(1, cfg.pretext.epochs + 1))
+    assert [h["step"] for h in history] == list(range(1, cfg.pretext.epochs + 1)), "an epoch is missing or twice"
+    # Three starts: the killed driver's, the rerun's (from a checkpoint it left), the restarted group's.
+    starts = json.loads((max(stage_path.glob("checkpoint_epoch_*")) / "meta.json").read_text())["starts"]
+    assert len(starts) == 3 and starts[0] == 0 and starts[1] in left and starts[2] >= newer, starts
+    assert summary["resumed_from_epoch"] == starts[2]
     # The epochs before the resume point are the killed run's, read back from its checkpoint.
+    resumed = starts[1]
     before = [{"step": int(h["epoch"]), **{k: v for k, v in h.items() if k != "epoch"}} for h in left[resumed]]
     assert history[:resumed] == before
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import math
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from local_cluster import train_checkpoint_registered
+from reliability.faults import Killer
 from workloads import TRANSFER_FAST, real_label_clusters
 
 from ktray import schema
@@ -121,7 +124,7 @@ transfer.run(load_config(None, sys.argv[5:]), StageDir(sys.argv[1], sys.argv[2],
 
 
 @pytest.mark.slow
-def test_transfer_learns_and_resumes_after_being_killed(
+def test_transfer_learns_and_survives_a_killed_driver_and_a_killed_worker(
     ray_session: None, sample_shards: str, run_root: str, tmp_path
 ) -> None:
     import os
@@ -155,13 +158,24 @@ def test_transfer_learns_and_resumes_after_being_killed(
     assert train_checkpoint_registered(sd.uri, 1), (tmp_path / "killed.log").read_text()[-3000:]
     assert not sd.done(), "the kill landed after the run finished"
 
-    # The same stage again: it resumes from the checkpoint instead of starting over.
-    out = transfer.run(cfg, labels)
+    left = max(e for e in range(1, epochs + 1) if train_checkpoint_registered(sd.uri, e))
+
+    # The same stage again: it resumes from the checkpoint instead of starting over. The second fault:
+    # the Ray Train worker is SIGKILLed a moment after the resumed run registers a new checkpoint;
+    # FailureConfig restarts the worker group from it, and the run finishes.
+    newer = left + 1
+    with Killer("RayTrainWorker", ready=lambda: train_checkpoint_registered(sd.uri, newer),
+                running=lambda: not sd.done(), delay=1.5) as kill:
+        out = transfer.run(cfg, labels)
+    assert kill.pids and kill.stage_running, kill.error or "the worker kill landed after the stage finished"
     assert out == sd and sd.done()
     metrics = sd.manifest()["metrics"]
     summary, history = metrics["summary"], metrics["history"]
-    assert 1 <= summary["resumed_from_epoch"] < epochs
-    assert [h["step"] for h in history] == list(range(1, epochs + 1))
+    assert [h["step"] for h in history] == list(range(1, epochs + 1)), "an epoch is missing or twice"
+    # Three starts: the killed driver's, the rerun's (from its checkpoint), the restarted group's.
+    starts = json.loads((max(Path(sd.uri).glob("checkpoint_epoch_*")) / "meta.json").read_text())["starts"]
+    assert len(starts) == 3 and starts[0] == 0 and 1 <= starts[1] <= left and starts[2] >= newer, starts
+    assert summary["resumed_from_epoch"] == starts[2] < epochs
     # It learns: the training loss falls (ln 10 = 2.30 at chance).
     assert history[-1]["loss"] < history[0]["loss"]
     assert summary["num_classes"] == 10 and summary["chance"] == 0.1 and summary["images_per_s"] > 0

@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]  # minutes on CI; mor
 SEED = int(os.environ.get("KTRAY_FAULT_SEED", "20261122"))
 
 
-def kill_points(seed: int, n: int = 3) -> list[tuple[str, float]]:
+def kill_points(seed: int, n: int = 2) -> list[tuple[str, float]]:
     rng = random.Random(seed)
     stages = sorted(rng.sample(STAGES, n), key=STAGES.index)
     return [(stage, round(rng.uniform(0.5, 8.0), 1)) for stage in stages]
