@@ -97,6 +97,7 @@ def _cfg(root: str, *extra: str):
     return load_config("tiny", [f"root={root}", *FAST_PIPELINE, *extra])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(2400)  # its fixture submits the whole pipeline as a Ray job (see job_run)
 def test_job_runs_the_whole_pipeline(job_run: dict[str, str]) -> None:
     root = job_run["root"]
@@ -111,6 +112,7 @@ def test_job_runs_the_whole_pipeline(job_run: dict[str, str]) -> None:
     assert sorted(started) == sorted(STAGES)  # each stage computed exactly once
 
 
+@pytest.mark.slow
 def test_mlflow_server_received_parent_and_nested_runs(job_run: dict[str, str]) -> None:
     from mlflow import MlflowClient
 
@@ -147,6 +149,7 @@ def _stage_dirs(root: Path) -> list[StageDir]:
     return dirs
 
 
+@pytest.mark.slow
 def test_tracking_server_gone_for_good_leaves_a_warning(job_run: dict[str, str], tmp_path: Path) -> None:
     """Logging degrades to a warning naming what is missing; nothing raises; the run directory holds everything."""
     root = Path(job_run["root"])
@@ -175,6 +178,7 @@ def test_tracking_server_gone_for_good_leaves_a_warning(job_run: dict[str, str],
     assert all(sd.done() for sd in _stage_dirs(root))
 
 
+@pytest.mark.slow
 def test_rerun_does_no_work(job_run: dict[str, str], ray_session: None) -> None:
     root = job_run["root"]
     before = {p: p.stat().st_mtime_ns for p in Path(root).glob("*/manifest.json")}
@@ -185,6 +189,7 @@ def test_rerun_does_no_work(job_run: dict[str, str], ray_session: None) -> None:
     assert [e["event"] for e in new] == ["reused"] * len(STAGES)
 
 
+@pytest.mark.slow
 def test_changing_k_recomputes_only_what_depends_on_it(job_run: dict[str, str], ray_session: None) -> None:
     root = job_run["root"]
     n_events = len(read_events(root))
@@ -194,6 +199,7 @@ def test_changing_k_recomputes_only_what_depends_on_it(job_run: dict[str, str], 
     assert sorted(e["stage"] for e in new if e["event"] == "reused") == ["embed", "pretext"]
 
 
+@pytest.mark.slow
 def test_force_recomputes_from_a_stage_on(job_run: dict[str, str], ray_session: None) -> None:
     root = job_run["root"]
     n_events = len(read_events(root))
