@@ -20,10 +20,17 @@ FAST_PIPELINE = [
     "data.limit=200",
     "pretext.epochs=2",
     "pretext.val_puzzles=64",
+    "pretext.image_size=64",  # 64 px images and 16 px tiles in 20 px cells: seconds per epoch
+    "pretext.crop=60",
+    "pretext.tile=16",
+    "embed.image_size=64",
     "cluster.k=10",
     "cluster.niter=5",
     "transfer.epochs=2",
+    "transfer.image_size=64",
+    "evaluate.image_size=64",
     "evaluate.taps=[conv3, conv5]",
+    "evaluate.probe_c=[0.01]",  # one fit per tap, no search
     "evaluate.fewshot_episodes=50",
 ]
 
