@@ -57,7 +57,7 @@ def check(cfg: Config, labels: StageDir) -> None:
 def compute(cfg: Config, sd: StageDir, labels: StageDir) -> Output:
     """Train the student on the clusters of ``labels`` (a cluster stage); ``student.pt`` in ``sd``."""
     t = cfg.transfer
-    table, k = read_labels(labels, train_ids(cfg.data))
+    table, k = read_labels(labels)  # its image ids were checked against the train split by `check`
     used = int((np.bincount(table["cluster"].to_numpy(), minlength=k) > 0).sum())
     print(f"transfer: {t.arch} x{t.width:g} student on {table.num_rows} images, {k} clusters "
           f"({used} non-empty), balanced={t.balanced}, holdout {t.holdout_fraction:.0%} -> {sd.uri}", flush=True)

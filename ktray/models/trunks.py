@@ -34,7 +34,7 @@ from __future__ import annotations
 import hashlib
 import io
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,10 +43,6 @@ from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from ktray.rundir import config_hash, read_bytes, write_bytes_atomic
-
-if TYPE_CHECKING:
-    import torch
-
 
 ARCHS = ("alexnet", "vgg16", "resnet18", "resnet50")
 
