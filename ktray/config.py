@@ -234,7 +234,16 @@ class ComputeConfig(Section):
         "build the batches (needed when workers x CPUs would take every core, e.g. 2 workers on 2 cores).",
         gt=0,
     )
-    amp: bool = param(True, "Mixed precision (bf16 autocast) on GPU; ignored on CPU.")
+    threads_per_worker: int = param(
+        0,
+        "CPU only: torch intra-op threads per Ray Train worker (0: one per reserved CPU, at least one). "
+        "More than reserved overlaps the model with the Ray Data tasks that feed it (1 worker x 2 threads "
+        "on 2 cores beat 2 workers x 1 by 1.15x).",
+        ge=0,
+    )
+    amp: bool = param(
+        True, "bf16 autocast where it is faster than float32: on GPU, and on CPUs with AMX (else float32)."
+    )
     max_failures: int = param(
         3,
         "Training worker failures (a killed process, a lost spot node) survived per training stage: the worker "

@@ -5,7 +5,8 @@ Every stage and harness asks these three questions the same way, so they are ans
 - :func:`init_ray`: join the job's cluster (``RAY_ADDRESS``) or start a local one;
 - :func:`resolve_device`: ``compute.device`` ``auto`` means ``cuda`` when the Ray cluster has
   GPUs (not when the driver has one: the driver of a cloud cluster is a CPU head node);
-- :func:`actor_cpus`: a CPU actor pool never takes every CPU, or its feeding tasks starve.
+- :func:`actor_cpus`: a CPU actor pool never takes every CPU, or its feeding tasks starve;
+- :func:`bf16_is_fast`: whether bf16 autocast speeds this device up (GPUs, CPUs with AMX).
 
 Ray is imported inside the functions: importing this module costs nothing.
 """
@@ -49,6 +50,18 @@ def resolve_device(device: str) -> str:
     import ray
 
     return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+
+
+def bf16_is_fast(device_type: str) -> bool:
+    """bf16 autocast pays on a GPU and on a CPU with AMX tiles (bf16 matmuls several times
+    float32's); without AMX a CPU emulates bf16 and runs it slower than float32
+    (benchmarks/README.md has both peaks of the machines measured)."""
+    if device_type == "cuda":
+        return True
+    import torch
+
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private in torch 2.x; absent: assume none
+    return device_type == "cpu" and amx is not None and bool(amx())
 
 
 def actor_cpus(requested: float, num_actors: int) -> float:
