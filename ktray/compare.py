@@ -56,6 +56,14 @@ def student_teacher(cfg: Config) -> Config:
     return replace(cfg, [f"pretext.arch={cfg.transfer.arch}", f"pretext.width={cfg.transfer.width}"])
 
 
+def reseeded(cfg: Config, offset: int) -> Config:
+    """The config of training seed ``offset`` (0: ``cfg`` itself): the pretext task, the clustering
+    and the transfer drawn anew (and the probes' train/held-out split and few-shot episodes with them)."""
+    if offset == 0:
+        return cfg
+    return replace(cfg, [f"seed={cfg.seed + offset}", f"cluster.seed={cfg.cluster.seed + offset}"])
+
+
 def _transfer_and_evaluate(cfg: Config, labels: StageDir, name: str, nmi: bool = True) -> StageDir:
     student = transfer.run(cfg, labels)
     return evaluate.run(cfg, student.path(STUDENT), labels if nmi else None, name=name)
