@@ -19,6 +19,7 @@ FEATURES_DIR = "features"  # embed, hog: features/*.parquet (schema.features_sch
 LABELS = "labels.parquet"  # cluster, real labels: schema.LABELS
 STUDENT = "student.pt"  # transfer: the student's trunk
 RESULTS = "results"  # evaluate: results.json, results.csv, results.md
+PREDICTIONS = "predictions.npz"  # evaluate: image_id and, per tap and for knn, which val images were right
 
 
 def parquet_files(uri: str) -> list[tuple[str, int]]:

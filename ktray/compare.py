@@ -22,7 +22,9 @@ Markdown and CSV with a bar chart, in a ``compare-<hash>`` folder.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from ktray.artifacts import RESULTS, STUDENT, TEACHER
 from ktray.config import replace
@@ -111,32 +113,72 @@ def table_spec(cfg: Config, evaluated: dict[str, StageDir]) -> StageSpec:
                      args=(evaluated,), needs_ray=False)
 
 
+def seeded_key(key: str, offset: int) -> str:
+    """The table key of row ``key`` trained with seed offset ``offset`` (``cc_jigsaw@1``); 0: ``key``."""
+    return f"{key}@{offset}" if offset else key
+
+
+def seeds_table(rows: dict[str, dict[str, Any]], taps: tuple[str, ...]) -> str:
+    """Mean +- standard deviation over the seeds of each row trained more than once, and the seeds' figures."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for key, r in rows.items():
+        groups.setdefault(key.split("@")[0], []).append(r)
+    head = ["method", "seeds", *taps, "kNN"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for group in (g for g in groups.values() if len(g) > 1):
+        cells = [group[0]["name"], str(len(group))]
+        for col in [*taps, "knn"]:
+            v = 100 * np.asarray([r[col] for r in group], dtype=float)
+            cells.append(f"{v.mean():.1f} ± {v.std(ddof=1):.1f} ({', '.join(f'{x:.1f}' for x in v)})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
+
+
 def write_table(cfg: Config, sd: StageDir, evaluated: dict[str, StageDir]) -> Output:
-    """``compare.md``, ``compare.csv`` and ``compare.png`` from the rows' ``results.json``."""
-    keys = list(evaluated)
+    """``compare.md``, ``compare.csv`` and ``compare.png`` from the rows' ``results.json``.
+
+    The main table holds each row's first seed with 95% bootstrap intervals over the val images;
+    rows trained on more seeds (:func:`seeded_key`) get a second table of mean and spread, and
+    every seed is a line of the CSV (its ``seed`` column is the offset).
+    """
     taps = tuple(cfg.evaluate.taps)
     results = {k: json.loads(read_bytes(e.path(f"{RESULTS}.json"))) for k, e in evaluated.items()}
-    rows = [evaluate.result_row(results[k], taps) for k in keys]
-    table = evaluate.format_markdown(rows, taps)
+    rows = {k: {**evaluate.result_row(r, taps), "seed": int(k.split("@")[1]) if "@" in k else 0}
+            for k, r in results.items()}
+    first = [r for r in rows.values() if r["seed"] == 0]
+    table = evaluate.format_markdown(first, taps)
     chance = next(iter(results.values()))["chance"]
     note = (f"\nTop-1 (%) on the `{cfg.data.val_split}` split of `{evaluate.eval_data_path(cfg)}`; chance "
-            f"{100 * chance:.1f}%. kNN: cosine, k={cfg.evaluate.knn_k}, on the best tap (in brackets). Few-shot: "
+            f"{100 * chance:.1f}%. In brackets after a top-1: its 95% bootstrap interval over the val images "
+            f"(1,000 resamples; it says how much the figure depends on which images were scored, not on "
+            f"training). kNN: cosine, k={cfg.evaluate.knn_k}, on the best tap (in square brackets). Few-shot: "
             f"{cfg.evaluate.fewshot_ways}-way {cfg.evaluate.fewshot_shots}-shot prototypes, "
-            f"{cfg.evaluate.fewshot_episodes} episodes, 95% interval. NMI: pseudo-labels vs real labels.\n")
+            f"{cfg.evaluate.fewshot_episodes} episodes, mean ± 95% interval over episodes. NMI: pseudo-labels "
+            f"vs real labels.\n")
+    seeds = seeds_table(rows, taps)
+    if seeds:
+        note += ("\nTraining seeds (pretext, clustering and transfer reseeded; seed offsets 0, 1, ...): "
+                 "mean ± standard deviation over the seeds, then each seed's figure.\n\n" + seeds)
     write_bytes_atomic(sd.path(f"{TABLE}.md"), (table + note).encode())
-    write_bytes_atomic(sd.path(f"{TABLE}.csv"), evaluate.format_csv(rows).encode())
-    bar_chart(rows, [*taps, "knn", "fewshot"], sd.path(f"{TABLE}.png"))
-    summary = {f"{k}_{t}": float(r[t]) for k, r in zip(keys, rows, strict=True) for t in taps}
+    write_bytes_atomic(sd.path(f"{TABLE}.csv"), evaluate.format_csv(list(rows.values())).encode())
+    bar_chart(first, [*taps, "knn", "fewshot"], sd.path(f"{TABLE}.png"))
+    summary = {f"{k.replace('@', '_seed')}_{t}": float(r[t]) for k, r in rows.items() for t in taps}
     return Output([f"{TABLE}.md", f"{TABLE}.csv", f"{TABLE}.png"], summary)
 
 
 def run(cfg: Config) -> StageDir:
-    """Every row of ``evaluate.compare_rows``; the table in a ``compare-<hash>`` folder."""
+    """Every row of ``evaluate.compare_rows``, then the extra seeds of ``evaluate.seed_rows``; the
+    table in a ``compare-<hash>`` folder."""
     init_ray()  # the job's cluster (RAY_ADDRESS) or a local one
+    e = cfg.evaluate
     evaluated = {}
-    for key in cfg.evaluate.compare_rows:
+    for key in e.compare_rows:
         print(f"compare: row {ROWS[key]}", flush=True)
         evaluated[key] = row(cfg, key)
+    for offset in range(1, e.compare_seeds):
+        for key in (k for k in e.compare_rows if k in e.seed_rows):
+            print(f"compare: row {ROWS[key]}, seed +{offset}", flush=True)
+            evaluated[seeded_key(key, offset)] = row(reseeded(cfg, offset), key)
     sd = ensure(table_spec(cfg, evaluated))
     print(read_bytes(sd.path(f"{TABLE}.md")).decode(), flush=True)
     print(f"compare: {sd.uri}", flush=True)

@@ -434,6 +434,12 @@ class EvaluateConfig(Section):
         ("random", "jigsaw", "cc_jigsaw", "cc_deep", "cc_hog", "supervised"),
         "Rows of `ktray compare` (the paper's baselines), in table order.",
     )
+    compare_seeds: int = param(
+        1, "Training seeds of each `seed_rows` row in `ktray compare` (seed, seed+1, ...): mean and spread.", ge=1
+    )
+    seed_rows: tuple[CompareRow, ...] = param(
+        ("jigsaw", "cc_jigsaw"), "Rows of `ktray compare` trained `compare_seeds` times (the paper's decisive pair)."
+    )
 
     def check(self) -> None:
         if not self.probe_c or any(c <= 0 for c in self.probe_c):

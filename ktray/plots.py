@@ -95,7 +95,12 @@ def bar_chart(rows: list[dict[str, Any]], columns: list[str], uri: str) -> None:
     xs = np.arange(len(columns))
     for i, r in enumerate(rows):
         vals = [100 * r[c] if not math.isnan(r[c]) else 0.0 for c in columns]
-        ax.bar(xs - 0.4 + width * (i + 0.5), vals, width, label=r["name"])
+        # Error bars from the row's interval columns (``conv4_lo``/``conv4_hi``) where it has them.
+        lo = [v - 100 * r.get(f"{c}_lo", math.nan) for v, c in zip(vals, columns, strict=True)]
+        hi = [100 * r.get(f"{c}_hi", math.nan) - v for v, c in zip(vals, columns, strict=True)]
+        err = np.nan_to_num(np.asarray([lo, hi]), nan=0.0)
+        ax.bar(xs - 0.4 + width * (i + 0.5), vals, width, label=r["name"], yerr=err if err.any() else None,
+               capsize=2, error_kw={"linewidth": 0.8})
     ax.set_xticks(xs, columns)
     ax.set_ylabel("top-1 (%)")
     ax.set_title("linear probe per tap, kNN and 5-way 5-shot (val split)")

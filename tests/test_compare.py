@@ -34,11 +34,34 @@ def test_table_layout() -> None:
     ]
     md = format_markdown(rows, taps).splitlines()
     assert md[0] == "| method | conv1 | conv3 | kNN | few-shot | NMI |"
-    assert md[2] == "| Random | 12.0 | 10.0 | 50.0 (conv1) | 60.0 ± 1.2 | - |"
-    assert md[3] == "| CC+HOG | 20.0 | 34.5 | 50.0 (conv3) | 60.0 ± 1.2 | 0.432 |"
+    assert md[2] == "| Random | 12.0 | 10.0 | 50.0 [conv1] | 60.0 ± 1.2 | - |"
+    assert md[3] == "| CC+HOG | 20.0 | 34.5 | 50.0 [conv3] | 60.0 ± 1.2 | 0.432 |"
     parsed = list(csv.DictReader(format_csv(rows).splitlines()))
     assert [r["name"] for r in parsed] == ["Random", "CC+HOG"]
     assert float(parsed[1]["conv3"]) == 0.345 and math.isnan(float(parsed[0]["nmi"]))
+
+
+def test_intervals_and_seeds_in_the_table() -> None:
+    taps = ("conv4",)
+    res = fake_results("CC+Jigsaw++", {"conv4": 0.5}, None)
+    res["taps"]["conv4"]["ci95"] = [0.48, 0.52]
+    res["knn_ci95"] = [0.47, 0.53]
+    row = result_row(res, taps)
+    assert format_markdown([row], taps).splitlines()[2] == (
+        "| CC+Jigsaw++ | 50.0 (48.0-52.0) | 50.0 (47.0-53.0) [conv4] | 60.0 ± 1.2 | - |")
+    figures = {compare.seeded_key("cc_jigsaw", s): v for s, v in enumerate((0.5, 0.52, 0.54))}
+    seeded = {key: {**row, "conv4": v, "knn": v} for key, v in figures.items()}
+    seeded["random"] = {**row, "name": "Random"}  # one seed: no line of its own
+    lines = compare.seeds_table(seeded, taps).splitlines()
+    assert len(lines) == 3 and lines[2] == (
+        "| CC+Jigsaw++ | 3 | 52.0 ± 2.0 (50.0, 52.0, 54.0) | 52.0 ± 2.0 (50.0, 52.0, 54.0) |")
+
+
+def test_reseeded_draws_pretext_clustering_and_transfer_anew() -> None:
+    cfg = load_config("tiny")
+    assert compare.reseeded(cfg, 0) is cfg
+    two = compare.reseeded(cfg, 2)
+    assert (two.seed, two.cluster.seed) == (cfg.seed + 2, cfg.cluster.seed + 2)
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import pytest
 
 from ktray.algos.probes import (
     SoftmaxRegression,
+    bootstrap_interval,
     fewshot_accuracy,
     fewshot_episodes,
     knn_accuracy,
@@ -100,6 +101,19 @@ def test_linear_probe_chooses_c_on_train_not_val() -> None:
     a = linear_probe(x, y, vx, vy, seed=0)
     b = linear_probe(x, y, vx, np.random.default_rng(0).permutation(vy), seed=0)
     assert a["C"] == b["C"] and a["search"] == b["search"] and a["train_top1"] == b["train_top1"]
+
+
+def test_bootstrap_interval_brackets_the_accuracy_and_narrows_as_sqrt_n() -> None:
+    rng = np.random.default_rng(0)
+    small, large = rng.random(400) < 0.6, rng.random(6400) < 0.6
+    lo_s, hi_s = bootstrap_interval(small, seed=1)
+    lo_l, hi_l = bootstrap_interval(large, seed=1)
+    assert lo_s < small.mean() < hi_s and lo_l < large.mean() < hi_l
+    # Binomial: 2 * 1.96 * sqrt(p (1 - p) / n); 16x the images, a quarter of the width.
+    assert (hi_s - lo_s) == pytest.approx(2 * 1.96 * math.sqrt(0.24 / 400), rel=0.15)
+    assert (hi_s - lo_s) / (hi_l - lo_l) == pytest.approx(4.0, rel=0.2)
+    assert bootstrap_interval(small, seed=1) == (lo_s, hi_s)  # seeded: the same interval again
+    assert bootstrap_interval(np.ones(50, bool)) == (1.0, 1.0)
 
 
 # ----------------------------------------------------------------------------- kNN

@@ -153,8 +153,10 @@ def linear_probe(
 
     tx, vx = zscore(train_x, val_x)
     clf = SoftmaxRegression(best_c, max_iter).fit(tx, train_y)
+    correct = clf.predict(vx) == val_y
     return {
-        "top1": float((clf.predict(vx) == val_y).mean()),
+        "top1": float(correct.mean()),
+        "correct": correct,  # per val image, for bootstrap intervals and paired comparisons
         "train_top1": float((clf.predict(tx) == train_y).mean()),
         "C": best_c,
         "search": search,
@@ -193,6 +195,23 @@ def knn_predict(
         votes = torch.zeros(len(q), classes).scatter_add_(1, ty[idx], (sim / temperature).exp())  # (B, classes)
         preds.append(votes.argmax(dim=1))
     return torch.cat(preds).numpy() if preds else np.zeros(0, dtype=np.int64)
+
+
+def bootstrap_interval(correct: np.ndarray, *, resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of an accuracy over its evaluation images.
+
+    ``correct`` is one boolean per image; the images are drawn with replacement ``resamples``
+    times (Efron's percentile interval, 2.5th and 97.5th percentiles of the resampled means). It
+    measures how much the figure depends on which images were evaluated, not on training noise
+    (seeds measure that).
+    """
+    correct = np.asarray(correct, dtype=np.float64)
+    if correct.size == 0:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    means = correct[rng.integers(0, correct.size, size=(resamples, correct.size))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(hi)
 
 
 def knn_accuracy(

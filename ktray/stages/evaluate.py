@@ -13,6 +13,7 @@ Ray; Ray sits at the edge (:func:`extract_features`, :func:`run`).
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import time
@@ -21,8 +22,16 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from ktray.algos.probes import fewshot_accuracy, fewshot_episodes, knn_accuracy, linear_probe, nmi, pool_to_max_dim
-from ktray.artifacts import RESULTS, read_labels
+from ktray.algos.probes import (
+    bootstrap_interval,
+    fewshot_accuracy,
+    fewshot_episodes,
+    knn_predict,
+    linear_probe,
+    nmi,
+    pool_to_max_dim,
+)
+from ktray.artifacts import PREDICTIONS, RESULTS, read_labels
 from ktray.config import EvaluateConfig
 from ktray.data.decode import decode_batch
 from ktray.data.shards import data_path, limited_data_key, load_table, read_images
@@ -155,6 +164,9 @@ def extract_features(
     )
 
 
+COMPARE_ONLY = ("compare_seeds", "seed_rows")  # evaluate settings left out of the hash
+
+
 def eval_data_path(cfg: Config) -> str:
     """The labeled shards the trunk is measured on: ``evaluate.data``, else the pipeline's data."""
     return cfg.evaluate.data or data_path(cfg.data)
@@ -162,10 +174,11 @@ def eval_data_path(cfg: Config) -> str:
 
 def params(cfg: Config, name: str) -> dict[str, Any]:
     """What the evaluation depends on besides the trunk and the data (the folder hash); compute
-    settings are left out. ``compare_rows`` only picks which rows ``ktray compare`` shows and
-    changes no evaluation, so it is hashed as its default: asking for other rows reuses every
-    evaluation already done."""
-    e = {**cfg.evaluate.to_dict(), "compare_rows": list(EvaluateConfig().compare_rows)}
+    settings are left out. The ``compare_*`` settings only pick which rows and seeds ``ktray
+    compare`` runs and change no evaluation: ``compare_rows`` is hashed as its default and the
+    others not at all, so asking for other rows or seeds reuses every evaluation already done."""
+    e = {k: v for k, v in cfg.evaluate.to_dict().items() if k not in COMPARE_ONLY}
+    e["compare_rows"] = list(EvaluateConfig().compare_rows)
     return {
         "evaluate": e,
         "train_split": cfg.data.train_split,
@@ -220,8 +233,13 @@ def cluster_nmi(cfg: Config, labels: StageDir) -> dict[str, float]:
     }
 
 
-def evaluate_features(cfg: Config, train: Features, val: Features) -> dict[str, Any]:
-    """All the measures on extracted features: linear probe per tap, then kNN and few-shot on the best tap."""
+def evaluate_features(cfg: Config, train: Features, val: Features) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """All the measures on extracted features: linear probe per tap, then kNN and few-shot on the best tap.
+
+    Returns the results (each top-1 with its 95% bootstrap interval over the val images, ``ci95``)
+    and, per tap and for ``knn``, which labeled val images were classified right (in ``val`` order):
+    two trunks measured on the same images can then be compared image by image.
+    """
     e = cfg.evaluate
     tr = train.labels >= 0
     va = val.labels >= 0
@@ -229,20 +247,24 @@ def evaluate_features(cfg: Config, train: Features, val: Features) -> dict[str, 
     classes = int(max(ytr.max(initial=-1), yva.max(initial=-1)) + 1)
     out: dict[str, Any] = {"taps": {}, "n_train": int(tr.sum()), "n_val": int(va.sum()), "classes": classes,
                            "chance": 1.0 / max(classes, 1)}
+    correct: dict[str, np.ndarray] = {}
     for tap, xtr in train.taps.items():
         t0 = time.time()
         res = linear_probe(
             xtr[tr], ytr, val.taps[tap][va], yva, c_grid=e.probe_c, max_iter=e.probe_max_iter, seed=cfg.seed
         )
         res["seconds"] = time.time() - t0
+        correct[tap] = res.pop("correct")
+        res["ci95"] = bootstrap_interval(correct[tap], seed=cfg.seed)
         out["taps"][tap] = res
         print(f"evaluate: {tap} ({res['dim']} dims) linear top-1 {res['top1']:.4f} (C={res['C']:g}, "
               f"{res['seconds']:.1f} s)", flush=True)
     best = max(out["taps"], key=lambda t: out["taps"][t]["top1"])
     out["best_tap"] = best
-    out["knn_top1"] = knn_accuracy(
-        train.taps[best][tr], ytr, val.taps[best][va], yva, k=e.knn_k, temperature=e.knn_temperature
-    )
+    correct["knn"] = knn_predict(train.taps[best][tr], ytr, val.taps[best][va], k=e.knn_k,
+                                 temperature=e.knn_temperature) == yva
+    out["knn_top1"] = float(correct["knn"].mean())
+    out["knn_ci95"] = bootstrap_interval(correct["knn"], seed=cfg.seed)
     try:
         support, query = fewshot_episodes(
             yva, e.fewshot_ways, e.fewshot_shots, e.fewshot_queries, e.fewshot_episodes, seed=cfg.seed
@@ -256,15 +278,18 @@ def evaluate_features(cfg: Config, train: Features, val: Features) -> dict[str, 
         out["fewshot"] = {"mean": math.nan, "ci95": math.nan, "episodes": 0, "note": str(exc)}
     print(f"evaluate: best tap {best}; kNN top-1 {out['knn_top1']:.4f}; {e.fewshot_ways}-way "
           f"{e.fewshot_shots}-shot {out['fewshot']['mean']:.4f} +- {out['fewshot']['ci95']:.4f}", flush=True)
-    return out
+    return out, correct
 
 
 def result_row(results: dict[str, Any], taps: tuple[str, ...]) -> dict[str, Any]:
     """One table row (name, top-1 per tap, kNN, few-shot, NMI) of a ``results.json``."""
     row: dict[str, Any] = {"name": results["name"]}
     for t in taps:
-        row[t] = results["taps"][t]["top1"] if t in results["taps"] else math.nan
+        tap = results["taps"].get(t, {})
+        row[t] = tap.get("top1", math.nan)
+        row[f"{t}_lo"], row[f"{t}_hi"] = tap.get("ci95", (math.nan, math.nan))
     row["knn"] = results["knn_top1"]
+    row["knn_lo"], row["knn_hi"] = results.get("knn_ci95", (math.nan, math.nan))
     row["knn_tap"] = results["best_tap"]
     row["fewshot"] = results["fewshot"]["mean"]
     row["fewshot_ci95"] = results["fewshot"]["ci95"]
@@ -289,14 +314,23 @@ def format_csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+def _with_interval(r: dict[str, Any], key: str) -> str:
+    """``47.3 (45.8-48.9)``: the figure and its bootstrap interval, in %; the figure alone without one."""
+    lo, hi = r.get(f"{key}_lo", math.nan), r.get(f"{key}_hi", math.nan)
+    if math.isnan(lo) or math.isnan(r[key]):
+        return _fmt(r[key])
+    return f"{_fmt(r[key])} ({100 * lo:.1f}-{100 * hi:.1f})"
+
+
 def format_markdown(rows: list[dict[str, Any]], taps: tuple[str, ...]) -> str:
-    """Top-1 (%) per tap, kNN on the best tap, few-shot mean +- 95% interval, NMI: the paper's table layout."""
+    """Top-1 (%) per tap with its 95% bootstrap interval, kNN on the best tap, few-shot mean +- 95%
+    interval, NMI: the paper's table layout."""
     head = ["method", *taps, "kNN", "few-shot", "NMI"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         fs = "-" if math.isnan(r["fewshot"]) else f"{100 * r['fewshot']:.1f} ± {100 * r['fewshot_ci95']:.1f}"
-        cells = [r["name"], *(_fmt(r[t]) for t in taps), f"{_fmt(r['knn'])} ({r['knn_tap']})", fs,
-                 _fmt(r["nmi"], pct=False)]
+        cells = [r["name"], *(_with_interval(r, t) for t in taps), f"{_with_interval(r, 'knn')} [{r['knn_tap']}]",
+                 fs, _fmt(r["nmi"], pct=False)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -313,13 +347,17 @@ def compute(cfg: Config, sd: StageDir, trunk: str, labels: StageDir | None, name
     n_img = len(train.image_ids) + len(val.image_ids)
     print(f"evaluate: features of {n_img} images in {extract_s:.1f} s ({n_img / max(extract_s, 1e-9):.1f} img/s)",
           flush=True)
-    results: dict[str, Any] = {"name": name, "trunk": trunk, "data": path, **evaluate_features(cfg, train, val)}
+    measures, correct = evaluate_features(cfg, train, val)
+    results: dict[str, Any] = {"name": name, "trunk": trunk, "data": path, **measures}
     results["extract_images_per_s"] = n_img / max(extract_s, 1e-9)
     if labels is not None:
         results.update(cluster_nmi(cfg, labels))
         print(f"evaluate: NMI(pseudo-labels, real labels) = {results['nmi']:.4f}", flush=True)
     row = result_row(results, taps)
     write_bytes_atomic(sd.path(f"{RESULTS}.json"), json.dumps(results, indent=2, default=float).encode())
+    buf = io.BytesIO()
+    np.savez(buf, image_id=val.image_ids[val.labels >= 0].astype(str), **correct)
+    write_bytes_atomic(sd.path(PREDICTIONS), buf.getvalue())
     write_bytes_atomic(sd.path(f"{RESULTS}.csv"), format_csv([row]).encode())
     write_bytes_atomic(sd.path(f"{RESULTS}.md"), format_markdown([row], taps).encode())
     summary = {f"top1_{t}": results["taps"][t]["top1"] for t in taps}
@@ -332,4 +370,4 @@ def compute(cfg: Config, sd: StageDir, trunk: str, labels: StageDir | None, name
     })
     if "nmi" in results:
         summary["nmi"] = results["nmi"]
-    return Output([f"{RESULTS}.json", f"{RESULTS}.csv", f"{RESULTS}.md"], summary)
+    return Output([f"{RESULTS}.json", f"{RESULTS}.csv", f"{RESULTS}.md", PREDICTIONS], summary)
