@@ -2,7 +2,8 @@
 
 ``fixtures/stage_names.json`` holds the folder names that ktray at commit 484f39d (before the
 stage lifecycle was rewritten) gave every stage for a set of configs; the names are hashes of
-each stage's params and inputs. If a change to a stage's params, its inputs or the hash renames
+each stage's params and inputs, for the tiny preset as it was then (``fixtures/tiny-484f39d.yaml``:
+the preset itself may change; the code must keep naming the same config the same way). If a change to a stage's params, its inputs or the hash renames
 a folder, every existing run root silently recomputes that stage and everything after it.
 Changing a name on purpose means regenerating the fixture and saying so in the commit.
 """
@@ -19,13 +20,14 @@ from ktray.config import load_config
 from ktray.data.shards import data_path
 from ktray.stages import cluster, embed, evaluate, hog, pretext, real_labels, transfer
 
-FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "stage_names.json").read_text())
+FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURE = json.loads((FIXTURES / "stage_names.json").read_text())
 # The weights file the fixture's evaluate folders were hashed with (a trunk is named by its bytes).
 WEIGHTS = b"ktray stage-name fixture weights\n"
 
 
 def names_of(overrides: list[str], weights: str) -> dict[str, str]:
-    cfg = load_config("tiny", ["root=/runs", *overrides])
+    cfg = load_config(FIXTURES / "tiny-484f39d.yaml", ["root=/runs", *overrides])
     teacher = pretext.output_dir(cfg)
     features = embed.output_dir(cfg, teacher)
     labels = cluster.output_dir(cfg, features, images=data_path(cfg.data))
