@@ -4,10 +4,13 @@
     ktray submit configs/imagenette.yaml --job sweep --follow          # a Tune sweep
     ktray submit tiny --address http://127.0.0.1:8265
 
-The working tree (this repository, minus run outputs, virtual environments and data) is
-uploaded as the job's ``working_dir``; Ray puts it first on every worker's ``PYTHONPATH``,
-so the job runs the code you have, not the copy the cluster was set up with. The config is
-validated here, before anything is uploaded.
+The working tree (this repository, minus run outputs, virtual environments, data and
+anything that looks like a secret) is uploaded as the job's ``working_dir``; Ray puts it
+first on every worker's ``PYTHONPATH``, so the job runs the code you have, not the copy the
+cluster was set up with. The config is validated here, before anything is uploaded. What is
+sent is decided here, file by file (:func:`upload_plan`), copied to a staging folder, and
+summarised (count, size, the largest files) before sending; an upload over
+``MAX_UPLOAD_BYTES`` is refused.
 
 Why a token: since Ray 2.52 a cluster started with ``RAY_AUTH_MODE=token`` refuses Jobs API
 and dashboard requests without ``Authorization: Bearer <token>`` (401) or with a wrong one
@@ -22,17 +25,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fnmatch
+import ipaddress
 import logging
 import os
 import shlex
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlparse
 
-from ktray.config import ConfigError, load_config
+from ktray.config import Config, ConfigError, load_config
+from ktray.tracking import redact, split_credentials
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +64,50 @@ EXCLUDES = [
     "*.pt",
     "*.ckpt",
 ]
+
+# Secrets never leave the machine, wherever they lie in the tree (gitignore-style patterns).
+SECRET_EXCLUDES = [
+    ".env",
+    ".env.*",
+    "*.env",
+    ".envrc",
+    ".netrc",
+    "_netrc",
+    ".pgpass",
+    ".pypirc",
+    ".git-credentials",
+    ".npmrc",
+    "id_rsa*",
+    "id_dsa*",
+    "id_ecdsa*",
+    "id_ed25519*",
+    "*.pem",
+    "*.key",
+    "*.p12",
+    "*.pfx",
+    "*.jks",
+    "*.keystore",
+    "*.kdbx",
+    "*credentials*.json",
+    "*service-account*.json",
+    "*service_account*.json",
+    "auth_token",
+    ".ray/",
+    ".ssh/",
+    ".aws/",
+    ".gnupg/",
+    ".kube/",
+    ".docker/",
+    "gcloud/",
+    "mlflow.db",
+    "mlartifacts/",
+]
+
+# A folder holding one of these is a pack output or a run root, whatever its name: never uploaded.
+DATA_MARKERS = (".pack_plan.json", "events.jsonl", ".locks", "mlflow.db")
+
+# Code and configs are small; an upload above this is a data set or a run root left in the tree.
+MAX_UPLOAD_BYTES = 100 * 2**20
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
@@ -90,8 +142,121 @@ def resolve_token(token: str | None = None) -> str | None:
 
 
 def _is_loopback(url: str) -> bool:
-    host = urlparse(url).hostname or ""
-    return host in ("localhost", "::1") or host.startswith("127.")
+    """Whether ``url``'s host is this machine: ``localhost`` or a loopback IP address, parsed
+    (``127.0.0.1.attacker.example`` is a DNS name, not a loopback address)."""
+    host = (urlparse(url).hostname or "").rstrip(".").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _matches(rel: PurePosixPath, is_dir: bool, pattern: str) -> bool:
+    """gitignore-style match: ``dir/`` only directories, a leading ``/`` or inner ``/`` anchors at the root,
+    otherwise the pattern matches the base name at any depth."""
+    if pattern.endswith("/"):
+        if not is_dir:
+            return False
+        pattern = pattern[:-1]
+    if "/" in pattern:
+        return fnmatch.fnmatchcase(rel.as_posix(), pattern.lstrip("/"))
+    return fnmatch.fnmatchcase(rel.name, pattern)
+
+
+def config_excludes(cfg: Config, working_dir: Path) -> list[str]:
+    """The run root and the data folders of ``cfg`` when they lie inside ``working_dir``, as anchored patterns."""
+    out = []
+    base = working_dir.resolve()
+    for value in (cfg.root, cfg.data.path, cfg.evaluate.data):
+        if not value or "://" in value:
+            continue
+        try:
+            rel = Path(value).expanduser().resolve().relative_to(base)
+        except ValueError:
+            continue
+        out.append("/" if rel == Path(".") else f"/{rel.as_posix()}/")
+    return out
+
+
+def upload_plan(working_dir: Path, excludes: Sequence[str]) -> tuple[list[tuple[str, int]], list[str]]:
+    """``(files, links)``: every regular file of ``working_dir`` that travels with a job, as
+    ``(relative path, bytes)``, and the symbolic links left behind (never followed).
+
+    Left behind as well: whatever ``excludes`` or the top-level ``.gitignore`` names, and every
+    folder holding a :data:`DATA_MARKERS` file (packed shards, run roots under any name)."""
+    base = Path(working_dir)
+    gitignore = base / ".gitignore"
+    patterns = list(excludes)
+    if gitignore.is_file():
+        patterns += [ln.strip() for ln in gitignore.read_text(errors="replace").splitlines()
+                     if ln.strip() and not ln.startswith(("#", "!"))]
+    if "/" in patterns:
+        return [], []
+    files: list[tuple[str, int]] = []
+    links: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(base):
+        here = PurePosixPath(Path(dirpath).relative_to(base).as_posix())
+        kept = []
+        for d in sorted(dirnames):
+            rel = here / d if str(here) != "." else PurePosixPath(d)
+            if (Path(dirpath) / d).is_symlink():
+                links.append(rel.as_posix())
+            elif not any(_matches(rel, True, p) for p in patterns) and not any(
+                (Path(dirpath) / d / m).exists() for m in DATA_MARKERS
+            ):
+                kept.append(d)
+        dirnames[:] = kept
+        for f in sorted(filenames):
+            rel = here / f if str(here) != "." else PurePosixPath(f)
+            path = Path(dirpath) / f
+            if any(_matches(rel, False, p) for p in patterns):
+                continue
+            if path.is_symlink():
+                links.append(rel.as_posix())
+            elif path.is_file():
+                files.append((rel.as_posix(), path.stat().st_size))
+    return sorted(files), sorted(links)
+
+
+def describe_upload(files: Sequence[tuple[str, int]], links: Sequence[str] = (), largest: int = 5) -> str:
+    """One paragraph saying what a job uploads: the count, the size and the largest files."""
+    total = sum(n for _, n in files)
+    lines = [f"uploading {len(files)} files, {total / 2**20:.2f} MiB as the job's working_dir"]
+    for rel, n in sorted(files, key=lambda f: -f[1])[:largest]:
+        lines.append(f"    {n / 2**20:8.2f} MiB  {rel}")
+    if links:
+        more = ", ..." if len(links) > 5 else ""
+        lines.append(f"  not sent: {len(links)} symbolic links ({', '.join(links[:5])}{more})")
+    return "\n".join(lines)
+
+
+def stage_upload(working_dir: Path, files: Sequence[tuple[str, int]], dest: Path) -> None:
+    """Copy exactly ``files`` from ``working_dir`` to ``dest``: the folder Ray zips and uploads."""
+    for rel, _ in files:
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(Path(working_dir) / rel, target)
+
+
+def credential_env(overrides: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """Overrides with the userinfo stripped from ``tracking.uri``, and the credentials as MLflow's env vars.
+
+    The entrypoint is a command line (shown by ``ray job list``); a password never goes there.
+    """
+    out, env = [], {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if sep and key.strip() == "tracking.uri":
+            clean, user, password = split_credentials(value.strip())
+            if user is not None:
+                env["MLFLOW_TRACKING_USERNAME"] = user
+            if password is not None:
+                env["MLFLOW_TRACKING_PASSWORD"] = password
+            item = f"{key}={clean}"
+        out.append(item)
+    return out, env
 
 
 def config_argument(config_items: Sequence[str], working_dir: Path) -> tuple[str, list[str], Any]:
@@ -194,6 +359,7 @@ def submit(
     """
     wd = Path(working_dir) if working_dir is not None else repo_root()
     config, overrides, cfg = config_argument(config_items, wd)
+    overrides, secret_env = credential_env(overrides)
     if entrypoint is None:
         if not (wd / "jobs" / f"{job}.py").is_file():
             known = sorted(p.stem for p in (wd / "jobs").glob("*.py"))
@@ -207,16 +373,30 @@ def submit(
             "use root=s3://... or gs://... (or shared storage) for cluster runs",
             cfg.root,
         )
-    c = client(url, token)
-    env = {"KTRAY_RUN": sid, **(env_vars or {})}
-    try:
-        job_id = c.submit_job(
-            entrypoint=entrypoint,
-            submission_id=sid,
-            runtime_env=runtime_env(wd, env),
-            metadata={"ktray_job": job, "ktray_config": shlex.join(config_items)},
-            entrypoint_resources=dict(entrypoint_resources) if entrypoint_resources else None,
+    excludes = [*EXCLUDES, *SECRET_EXCLUDES, *config_excludes(cfg, wd)]
+    files, links = upload_plan(wd, excludes)
+    total = sum(n for _, n in files)
+    if total > MAX_UPLOAD_BYTES:
+        raise SubmitError(
+            f"the upload would be {total / 2**20:.0f} MiB (limit {MAX_UPLOAD_BYTES / 2**20:.0f} MiB): "
+            f"{describe_upload(files, links)}\nmove data and run outputs out of {wd} or into .gitignore"
         )
+    if not quiet:
+        print(describe_upload(files, links), flush=True)
+    c = client(url, token)
+    env = {"KTRAY_RUN": sid, **secret_env, **(env_vars or {})}
+    shown_items = [f"{k}={redact(v)}" if k == "tracking.uri" else i
+                   for i in config_items for k, _, v in [i.partition("=")]]
+    try:
+        with tempfile.TemporaryDirectory(prefix="ktray-upload-") as staging:
+            stage_upload(wd, files, Path(staging))
+            job_id = c.submit_job(
+                entrypoint=entrypoint,
+                submission_id=sid,
+                runtime_env=runtime_env(Path(staging), env),
+                metadata={"ktray_job": job, "ktray_config": shlex.join(shown_items)},
+                entrypoint_resources=dict(entrypoint_resources) if entrypoint_resources else None,
+            )
     except Exception as exc:
         raise SubmitError(_explain(exc, url, resolve_token(token))) from exc
     if not quiet:

@@ -20,6 +20,7 @@ shows the runs.
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import tempfile
@@ -30,6 +31,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+import pyarrow.fs as pafs
 
 from ktray.rundir import StageDir, filesystem, read_bytes
 
@@ -47,6 +51,35 @@ MAX_ARTIFACT_BYTES = 512 * 2**20
 
 class TrackingUnavailable(RuntimeError):
     """The tracking server cannot be reached."""
+
+
+def split_credentials(uri: str) -> tuple[str, str | None, str | None]:
+    """``(uri without userinfo, user, password)``: ``http://u:p@host`` -> ``(http://host, u, p)``.
+
+    A URI's userinfo is a secret: only the stripped URI is ever logged, printed or passed on a
+    command line; the credentials travel as MLflow's ``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD``.
+    """
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri, None, None
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    user, _, password = userinfo.partition(":")
+    return urlunsplit(parts._replace(netloc=host)), unquote(user) or None, unquote(password) if password else None
+
+
+def redact(uri: str) -> str:
+    """``uri`` with its userinfo replaced by ``***``: safe to log, print and record."""
+    clean, user, password = split_credentials(uri)
+    if user is None and password is None:
+        return uri
+    parts = urlsplit(clean)
+    return urlunsplit(parts._replace(netloc=f"***@{parts.netloc}"))
+
+
+def public_params(cfg: Config) -> dict[str, Any]:
+    """The config as flat MLflow params, with every URI's credentials redacted."""
+    params = flatten(cfg.to_dict())
+    return {k: redact(v) if isinstance(v, str) and "://" in v else v for k, v in params.items()}
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -67,15 +100,31 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Raise TrackingUnavailable with a clear message if an http(s) server does not answer."""
     if not uri.startswith(("http://", "https://")):
         return
+    clean, user, password = split_credentials(uri)
+    user = user or os.environ.get("MLFLOW_TRACKING_USERNAME")
+    password = password or os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    request = urllib.request.Request(clean.rstrip("/") + "/health")
+    if user is not None:
+        token = base64.b64encode(f"{user}:{password or ''}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    shown = redact(uri)
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
             if resp.status == 200:
                 return
-            raise TrackingUnavailable(f"MLflow server {uri} answered /health with HTTP {resp.status}")
+            raise TrackingUnavailable(f"MLflow server {shown} answered /health with HTTP {resp.status}")
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            raise TrackingUnavailable(
+                f"MLflow server {shown} refused the credentials (HTTP {exc.code}); put them in tracking.uri "
+                "(http://user:password@host) or MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD"
+            ) from None
+        raise TrackingUnavailable(f"MLflow server {shown} answered /health with HTTP {exc.code}") from None
     except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
         raise TrackingUnavailable(
-            f"MLflow server {uri} is unreachable ({exc}); start it, fix tracking.uri / MLFLOW_TRACKING_URI, "
-            "or leave both empty to track into the run root"
+            f"MLflow server {shown} is unreachable ({type(reason).__name__}: {reason}); start it, fix "
+            "tracking.uri / MLFLOW_TRACKING_URI, or leave both empty to track into the run root"
         ) from None
 
 
@@ -100,8 +149,14 @@ class Tracker:
         from mlflow import MlflowClient
 
         self.cfg = cfg
-        self.uri = tracking_uri(cfg)
-        check_reachable(self.uri)
+        uri = tracking_uri(cfg)
+        check_reachable(uri)
+        # The credentials go where MLflow's HTTP client reads them; the URI kept (and printed) has none.
+        self.uri, user, password = split_credentials(uri)
+        if user is not None:
+            os.environ["MLFLOW_TRACKING_USERNAME"] = user
+        if password is not None:
+            os.environ["MLFLOW_TRACKING_PASSWORD"] = password
         self.client: MlflowClient = MlflowClient(tracking_uri=self.uri)
         self.experiment_id = self._experiment()
         self.parent_id: str | None = None
@@ -130,8 +185,7 @@ class Tracker:
         try:
             run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags or {})
             self.parent_id = run.info.run_id
-            params = flatten(self.cfg.to_dict())
-            self._log_params(self.parent_id, params)
+            self._log_params(self.parent_id, public_params(self.cfg))
         except Exception as exc:
             log.warning("MLflow: could not start the pipeline run (%s); continuing without tracking", exc)
             self.parent_id = None
@@ -200,15 +254,9 @@ class Tracker:
             self.client.log_batch(run_id, metrics=batch[i : i + 1000])
 
     def _log_artifacts(self, run_id: str, sd: StageDir, manifest: dict[str, Any]) -> None:
-        files = ["manifest.json", *manifest.get("files", [])]
+        files = artifact_files(sd, ["manifest.json", *manifest.get("files", [])])
         with tempfile.TemporaryDirectory() as tmp:
             for rel in files:
-                if not rel.endswith(ARTIFACT_SUFFIXES):
-                    continue
-                fs, path = filesystem(sd.path(rel))
-                info = fs.get_file_info(path)
-                if info.size is None or info.size > MAX_ARTIFACT_BYTES:
-                    continue
                 local = Path(tmp) / rel
                 local.parent.mkdir(parents=True, exist_ok=True)
                 local.write_bytes(read_bytes(sd.path(rel)))
@@ -243,6 +291,37 @@ class Tracker:
                 "once the server is back, the same `ktray run` logs it (finished stages are reused, not recomputed).",
                 self.uri, ", ".join(what for what, _ in self.pending),
             )
+
+
+def artifact_files(sd: StageDir, files: list[Any]) -> list[str]:
+    """The files of ``sd`` that may be uploaded as artifacts: a known suffix, a bounded size, and
+    (local roots) a real path inside the stage folder.
+
+    A manifest lists names, and a name below a shared run root may be a planted link: a file
+    that resolves outside its stage folder (a symlink to a credential) is refused, never read.
+    """
+    out = []
+    for rel in files:
+        if not isinstance(rel, str) or not rel.endswith(ARTIFACT_SUFFIXES):
+            continue
+        try:
+            uri = sd.path(rel)
+        except ValueError:
+            log.warning("MLflow: not uploading %r from %s: the name climbs out of the folder", rel, sd.name)
+            continue
+        fs, path = filesystem(uri)
+        if isinstance(fs, pafs.LocalFileSystem):
+            base = os.path.realpath(filesystem(sd.uri)[1])
+            real = os.path.realpath(path)
+            if os.path.commonpath([base, real]) != base or not os.path.isfile(real):
+                log.warning("MLflow: not uploading %s from %s: it resolves outside the stage folder (%s)",
+                            rel, sd.name, real)
+                continue
+        info = fs.get_file_info(path)
+        if info.size is None or info.size > MAX_ARTIFACT_BYTES:
+            continue
+        out.append(rel)
+    return out
 
 
 def _is_number(v: Any) -> bool:
