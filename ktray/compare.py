@@ -21,12 +21,14 @@ Markdown and CSV with a bar chart, in a ``compare-<hash>`` folder.
 
 from __future__ import annotations
 
+import io
 import json
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ktray.artifacts import RESULTS, STUDENT, TEACHER
+from ktray.algos.probes import paired_interval
+from ktray.artifacts import PREDICTIONS, RESULTS, STUDENT, TEACHER
 from ktray.config import replace
 from ktray.data.shards import data_path
 from ktray.lifecycle import Output, StageSpec, ensure
@@ -134,6 +136,35 @@ def seeds_table(rows: dict[str, dict[str, Any]], taps: tuple[str, ...]) -> str:
     return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
+# The paper's claims as (row, row it should beat): scored image by image on the same val images.
+CLAIMS = (("cc_jigsaw", "jigsaw"), ("jigsaw", "random"), ("cc_deep", "cc_jigsaw"), ("cc_deep", "jigsaw"),
+          ("cc_jigsaw", "cc_hog"), ("supervised", "cc_deep"))
+
+
+def claims_table(cfg: Config, evaluated: dict[str, StageDir], taps: tuple[str, ...]) -> str:
+    """Differences in top-1 (points) of each claim whose two rows were run, with 95% paired-bootstrap
+    intervals over the val images; the rows' first seeds, from their ``predictions.npz``."""
+    preds = {}
+    for key in {k for pair in CLAIMS for k in pair} & set(evaluated):
+        uri = evaluated[key].path(PREDICTIONS)
+        try:
+            with np.load(io.BytesIO(read_bytes(uri))) as z:
+                preds[key] = {name: z[name] for name in z.files}
+        except FileNotFoundError:  # evaluated before predictions were kept
+            continue
+    head = ["claim", *taps, "kNN"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for a, b in ((a, b) for a, b in CLAIMS if a in preds and b in preds):
+        if not np.array_equal(preds[a]["image_id"], preds[b]["image_id"]):
+            raise ValueError(f"{a} and {b} were scored on different val images")
+        cells = [f"{ROWS[a]} − {ROWS[b]}"]
+        for col in [*taps, "knn"]:
+            d, lo, hi = paired_interval(preds[a][col], preds[b][col], seed=cfg.seed)
+            cells.append(f"{100 * d:+.1f} ({100 * lo:+.1f} to {100 * hi:+.1f})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
+
+
 def write_table(cfg: Config, sd: StageDir, evaluated: dict[str, StageDir]) -> Output:
     """``compare.md``, ``compare.csv`` and ``compare.png`` from the rows' ``results.json``.
 
@@ -159,6 +190,12 @@ def write_table(cfg: Config, sd: StageDir, evaluated: dict[str, StageDir]) -> Ou
     if seeds:
         note += ("\nTraining seeds (pretext, clustering and transfer reseeded; seed offsets 0, 1, ...): "
                  "mean ± standard deviation over the seeds, then each seed's figure.\n\n" + seeds)
+    claims = claims_table(cfg, {k: e for k, e in evaluated.items() if "@" not in k}, taps)
+    if claims:
+        note += ("\nThe paper's claims, image by image: top-1 of the first row minus the second (points) on the "
+                 "same val images, with its 95% paired-bootstrap interval; an interval that excludes 0 is a "
+                 "difference the val set resolves (the seeds above say whether training noise is smaller).\n\n"
+                 + claims)
     write_bytes_atomic(sd.path(f"{TABLE}.md"), (table + note).encode())
     write_bytes_atomic(sd.path(f"{TABLE}.csv"), evaluate.format_csv(list(rows.values())).encode())
     bar_chart(first, [*taps, "knn", "fewshot"], sd.path(f"{TABLE}.png"))

@@ -57,6 +57,35 @@ def test_intervals_and_seeds_in_the_table() -> None:
         "| CC+Jigsaw++ | 3 | 52.0 ± 2.0 (50.0, 52.0, 54.0) | 52.0 ± 2.0 (50.0, 52.0, 54.0) |")
 
 
+def test_claims_are_scored_image_by_image(tmp_path: Path) -> None:
+    import io
+
+    import numpy as np
+
+    from ktray.artifacts import PREDICTIONS
+    from ktray.rundir import stage_dir
+
+    cfg = load_config("tiny")
+    ids = np.array([f"val/{i:04d}" for i in range(400)])
+    right = {"random": np.arange(400) < 100, "jigsaw": np.arange(400) < 200, "cc_jigsaw": np.arange(400) < 260}
+    evaluated = {}
+    for key, correct in right.items():
+        sd = stage_dir(str(tmp_path), "evaluate", {"row": key})
+        sd.make()
+        buf = io.BytesIO()
+        np.savez(buf, image_id=ids, conv4=correct, knn=correct)
+        Path(sd.path(PREDICTIONS)).write_bytes(buf.getvalue())
+        evaluated[key] = sd
+    lines = compare.claims_table(cfg, evaluated, ("conv4",)).splitlines()
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| CC+Jigsaw++ − Jigsaw++ (student)",
+                                                           "| Jigsaw++ (student) − Random"]
+    assert lines[2].split(" | ")[1].startswith("+15.0 (")  # 60 of 400 images more
+    np.savez(buf := io.BytesIO(), image_id=ids[::-1], conv4=right["random"], knn=right["random"])
+    Path(evaluated["random"].path(PREDICTIONS)).write_bytes(buf.getvalue())
+    with pytest.raises(ValueError, match="different val images"):
+        compare.claims_table(cfg, evaluated, ("conv4",))
+
+
 def test_reseeded_draws_pretext_clustering_and_transfer_anew() -> None:
     cfg = load_config("tiny")
     assert compare.reseeded(cfg, 0) is cfg

@@ -17,6 +17,7 @@ from ktray.algos.probes import (
     knn_predict,
     linear_probe,
     nmi,
+    paired_interval,
     pool_grid,
     pool_to_max_dim,
 )
@@ -114,6 +115,19 @@ def test_bootstrap_interval_brackets_the_accuracy_and_narrows_as_sqrt_n() -> Non
     assert (hi_s - lo_s) / (hi_l - lo_l) == pytest.approx(4.0, rel=0.2)
     assert bootstrap_interval(small, seed=1) == (lo_s, hi_s)  # seeded: the same interval again
     assert bootstrap_interval(np.ones(50, bool)) == (1.0, 1.0)
+
+
+def test_paired_interval_resolves_a_difference_that_side_by_side_intervals_do_not() -> None:
+    rng = np.random.default_rng(0)
+    b = rng.random(2000) < 0.5
+    a = b.copy()
+    a[np.flatnonzero(~b)[:60]] = True  # a = b plus 60 more images right: +3 points, on shared images
+    d, lo, hi = paired_interval(a, b, seed=0)
+    assert d == pytest.approx(0.03) and 0 < lo < d < hi
+    a_lo, _ = bootstrap_interval(a, seed=0)
+    _, b_hi = bootstrap_interval(b, seed=0)
+    assert a_lo < b_hi  # the rows' own intervals overlap; the paired one excludes 0
+    assert paired_interval(b, b) == (0.0, 0.0, 0.0)
 
 
 # ----------------------------------------------------------------------------- kNN

@@ -2,10 +2,11 @@
 
 ``fixtures/stage_names.json`` holds the folder names that ktray at commit 484f39d (before the
 stage lifecycle was rewritten) gave every stage for a set of configs; the names are hashes of
-each stage's params and inputs, for the tiny preset as it was then (``fixtures/tiny-484f39d.yaml``:
-the preset itself may change; the code must keep naming the same config the same way). If a change to a stage's params, its inputs or the hash renames
-a folder, every existing run root silently recomputes that stage and everything after it.
-Changing a name on purpose means regenerating the fixture and saying so in the commit.
+each stage's params and inputs. The configs are the tiny preset as it was then
+(``fixtures/tiny-484f39d.yaml``): the preset may change, the code must keep naming the same
+config the same way. If a change to a stage's params, its inputs or the hash renames a folder,
+every existing run root silently recomputes that stage and everything after it. Changing a
+name on purpose means regenerating the fixture and saying so in the commit.
 """
 
 from __future__ import annotations
