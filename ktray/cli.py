@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ktray.config import STAGES, Config, ConfigError, load_config
+from ktray.data.shards import DataError
 from ktray.tracking import TrackingUnavailable
 
 _CONFIG_HELP = "preset name (tiny, imagenette, imagenet) or YAML path; default: tiny"
@@ -39,7 +41,8 @@ def _load(items: Sequence[str]) -> Config:
 def _cmd_data_pack(args: argparse.Namespace) -> None:
     from ktray.data.pack import pack
 
-    report = pack(args.src, args.out, shard_mb=args.shard_mb, workers=args.workers)
+    report = pack(args.src, args.out, shard_mb=args.shard_mb, workers=args.workers,
+                  follow_links=getattr(args, "follow_links", False), unlabeled=getattr(args, "unlabeled", False))
     _print_info(report)
 
 
@@ -53,19 +56,24 @@ def _cmd_data_info(args: argparse.Namespace) -> None:
         _print_info(report)
 
 
+def printable(text: object) -> str:
+    """``text`` safe for a terminal: control characters (escape codes) shown as escapes, never sent raw."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 def _print_info(report: dict) -> None:
     classes = report["classes"]
-    print(f"source:  {report['source']}")
+    print(f"source:  {printable(report['source'])}")
     print(f"classes: {len(classes)}")
     print(f"bytes:   {report['bytes']:,}")
     for split, s in report["splits"].items():
-        print(f"{split}: {s['images']:,} images")
+        print(f"{printable(split)}: {s['images']:,} images")
         for cls, n in s["per_class"].items():
-            print(f"    {cls:<24} {n:>8,}")
+            print(f"    {printable(cls):<24} {n:>8,}")
     skipped = report["skipped"]
     print(f"skipped: {len(skipped)} files")
     for s in skipped[:20]:
-        print(f"    {s['path']}: {s['reason']}")
+        print(f"    {printable(s['path'])}: {printable(s['reason'])}")
     if len(skipped) > 20:
         print(f"    ... {len(skipped) - 20} more in pack_report.json")
 
@@ -74,6 +82,8 @@ def _cmd_data_sample(args: argparse.Namespace) -> None:
     from ktray.data.shards import sample_path
 
     out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"{out}: exists and is not an empty folder; the sample is written into a new or empty one")
     out.mkdir(parents=True, exist_ok=True)
     for f in sorted(Path(sample_path()).iterdir()):
         shutil.copy2(f, out / f.name)
@@ -142,6 +152,16 @@ def _cmd_config(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- parser
 
 
+def _positive_mb(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of MB, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number of MB > 0, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="ktray",
@@ -166,8 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("src")
     p.add_argument("out")
-    p.add_argument("--shard-mb", type=float, default=256.0, help="target shard size in MB (default 256)")
+    p.add_argument("--shard-mb", type=_positive_mb, default=256.0, help="target shard size in MB (default 256)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--follow-links", action="store_true",
+                   help="follow symbolic links that stay inside SRC (default: skip and list them)")
+    p.add_argument("--unlabeled", action="store_true",
+                   help="pack every image without a label (a folder of images is otherwise read as classes)")
     p.set_defaults(func=_cmd_data_pack)
     p = dsub.add_parser(
         "info",
@@ -277,10 +301,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.func(args)
     except ConfigError as exc:
-        print(f"ktray: config error: {exc}", file=sys.stderr)
+        print(f"ktray: config error: {printable(exc)}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, TrackingUnavailable) as exc:
-        print(f"ktray: {exc}", file=sys.stderr)
+    except (FileNotFoundError, TrackingUnavailable, DataError) as exc:
+        print(f"ktray: {printable(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if args.command != "data":
+            raise
+        print(f"ktray: {printable(exc)}", file=sys.stderr)
         return 2
     return 0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 from typing import Literal
 
 import numpy as np
@@ -51,7 +52,8 @@ def open_rgb(data: bytes, draft_size: int | None = None) -> Image.Image:
     except DecodeError:
         raise
     except Exception as exc:  # PIL raises many types for bad data; all mean "skip this file"
-        raise DecodeError(f"{type(exc).__name__}: {exc}") from None
+        # The reason is recorded in reports: the same on every run (no object addresses).
+        raise DecodeError(re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(exc).__name__}: {exc}")) from None
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.uint32)
         img = Image.fromarray((arr >> 8).clip(0, 255).astype(np.uint8))

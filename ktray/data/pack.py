@@ -8,23 +8,31 @@ asks for), so a shard set is written once and read by every stage and every swee
       val/<class>/<file>.JPEG      ───►      val-00000.parquet ...     (ktray.schema.IMAGES)
                                              pack_report.json          counts, skipped files
 
-Shards are planned up front from the sorted file list (one split per shard, cut at a target
-size), so shard ``i`` always holds the same files: a rerun after an interrupted pack writes
-only the shards that are missing, and never a file twice. Each shard is written under a
+Shards are planned up front from the sorted file list (a tar's in archive order, which is
+read once; one split per shard, cut at a target size), so shard ``i`` always holds the same
+files: a rerun after an interrupted pack writes only the shards that are missing, and never
+a file twice. Each shard is written under a
 temporary name and renamed, so a half shard is never visible.
 """
 
 from __future__ import annotations
 
+import bz2
+import fcntl
+import gzip
 import json
 import logging
+import lzma
 import os
 import re
 import tarfile
 import uuid
 import zipfile
+import zlib
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -35,7 +43,7 @@ import pyarrow.parquet as pq
 
 from ktray import schema
 from ktray.data.decode import DecodeError, open_rgb
-from ktray.data.shards import class_names, shard_files
+from ktray.data.shards import PLAN, DataError, check_complete, class_names, shard_files
 from ktray.rundir import config_hash, filesystem, join, write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -43,124 +51,369 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
+# Folder names read as a split (any case), and the split each becomes.
+SPLIT_ALIASES = {
+    "train": "train", "training": "train",
+    "val": "val", "valid": "val", "validation": "val",
+    "test": "test", "testing": "test",
+}
+SPLIT_NAMES = tuple(sorted(set(SPLIT_ALIASES.values())))
 
-SPLIT_NAMES = ("train", "val", "test")
+# Operating-system metadata, never images: skipped and listed, never a class or a split.
+METADATA_DIRS = ("__MACOSX",)
+METADATA_FILES = (".DS_Store", "Thumbs.db", "desktop.ini")
 
+# An entry larger than this is refused before it is read (a zip bomb expands a few KB to GBs);
+# ImageNet's largest JPEG is about 15 MB.
+MAX_ENTRY_BYTES = 64 * 2**20
+
+# Zip compression methods the standard library reads: stored, deflate, bzip2, lzma.
+ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
 
 REPORT = "pack_report.json"
 
+LOCK = ".pack.lock"
 
-PLAN = ".pack_plan.json"
+FOLLOW_HINT = "symbolic link, not followed (--follow-links follows links that stay inside SRC)"
+
+
+class LayoutError(DataError):
+    """A source whose split and class folders cannot be read one way only."""
 
 
 @dataclass(frozen=True)
 class Entry:
-    """One file of the source: its path inside the source and its size in bytes."""
+    """One file of the source: its normalised path below the source, its size, and the name it is read by."""
 
     relpath: str
     size: int
+    name: str = ""  # the member name in the archive, or the file's path; relpath when empty
+
+    @property
+    def key(self) -> str:
+        return self.name or self.relpath
+
+
+def reason_of(exc: BaseException) -> str:
+    """A skip reason that is the same on every run: no memory addresses, one line."""
+    text = re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(exc).__name__}: {exc}")
+    return " ".join(text.split())[:300]
 
 
 def _safe_relpath(name: str) -> str | None:
-    """The normalised member path, or None when it could escape the target (``..``, absolute)."""
+    """The normalised member path, or None when it could escape the target (``..``, absolute).
+
+    Backslashes are separators; ``./`` and ``//`` collapse (``a//./b`` is ``a/b``)."""
     p = PurePosixPath(name.replace("\\", "/"))
     if p.is_absolute() or ".." in p.parts or re.match(r"^[A-Za-z]:", name):
         return None
-    return str(p)
+    rel = str(p)
+    return None if rel in ("", ".") else rel
+
+
+def _skip_reason(rel: str) -> str | None:
+    """Why a (safe) path is not an image to pack, or None."""
+    parts = rel.split("/")
+    if any(p in METADATA_DIRS for p in parts[:-1]) or parts[-1] in METADATA_FILES or parts[-1].startswith("._"):
+        return "operating-system metadata, not an image"
+    if any(p.startswith(".") for p in parts):
+        return "hidden file"
+    if not parts[-1].lower().endswith(IMAGE_EXTENSIONS):
+        return f"not an image file name (expected one of {', '.join(IMAGE_EXTENSIONS)})"
+    return None
 
 
 class Source:
-    """A folder, a .zip or a .tar of images, listed in sorted order and read by relpath."""
+    """A folder, a .zip or a .tar of images: listed once, read by entry name.
 
-    def __init__(self, src: str | Path):
+    Nothing in the source aborts a pack: every entry that is not packed (unsafe, duplicate,
+    encrypted, too large, a link, a device) is returned with the reason."""
+
+    def __init__(self, src: str | Path, *, follow_links: bool = False, max_entry_bytes: int = MAX_ENTRY_BYTES,
+                 exclude: str | Path | None = None):
         self.src = Path(src)
         if not self.src.exists():
             raise FileNotFoundError(f"no such source: {self.src}")
         self.kind = (
             "dir" if self.src.is_dir() else "zip" if zipfile.is_zipfile(self.src) else
-            "tar" if tarfile.is_tarfile(self.src) else None
+            "tar" if _is_tar(self.src) else None
         )
         if self.kind is None:
-            raise ValueError(f"{self.src}: not a folder, a .zip or a .tar")
+            raise DataError(f"{self.src}: not a folder, a .zip or a .tar[.gz|.bz2|.xz]")
+        self.follow_links = follow_links
+        self.max_entry_bytes = max_entry_bytes
+        self.exclude = os.path.realpath(exclude) if exclude is not None else None
         self._zip: zipfile.ZipFile | None = None
-        self._tar: tarfile.TarFile | None = None
-        self._tar_members: dict[str, tarfile.TarInfo] = {}
 
     def list(self) -> tuple[list[Entry], list[dict[str, str]]]:
-        """All files (sorted) and the entries refused for an unsafe path."""
-        entries, refused = [], []
+        """The files to pack (sorted; a tar's in archive order) and every entry left out, with its reason."""
+        raw: list[Entry] = []
+        skipped: list[dict[str, str]] = []
 
-        def add(name: str, size: int) -> None:
+        def add(name: str, size: int, read_name: str | None = None) -> None:
             rel = _safe_relpath(name)
             if rel is None:
-                refused.append({"path": name, "reason": "unsafe path (escapes the source root)"})
+                skipped.append({"path": name, "reason": "unsafe path (escapes the source root)"})
+            elif (why := _skip_reason(rel)) is not None:
+                skipped.append({"path": rel, "reason": why})
+            elif size > self.max_entry_bytes:
+                skipped.append({"path": rel, "reason": f"{size:,} bytes: over the {self.max_entry_bytes:,}-byte "
+                                                      "entry limit (decompression-bomb guard)"})
             else:
-                entries.append(Entry(rel, size))
+                raw.append(Entry(rel, size, read_name if read_name is not None else name))
 
         if self.kind == "dir":
-            for p in self.src.rglob("*"):
-                if p.is_file() and not p.is_symlink():
-                    add(p.relative_to(self.src).as_posix(), p.stat().st_size)
+            self._list_dir(add, skipped)
         elif self.kind == "zip":
-            for info in self._open_zip().infolist():
-                if not info.is_dir():
+            try:
+                infos = self._open_zip().infolist()
+            except (zipfile.BadZipFile, OSError, ValueError) as exc:
+                raise DataError(f"{self.src}: unreadable zip ({reason_of(exc)})") from None
+            for info in infos:
+                if info.is_dir():
+                    continue
+                if info.flag_bits & 0x1:
+                    skipped.append({"path": info.filename, "reason": "encrypted entry"})
+                elif info.compress_type not in ZIP_METHODS:
+                    skipped.append({"path": info.filename,
+                                    "reason": f"zip compression method {info.compress_type} is not supported"})
+                else:
                     add(info.filename, info.file_size)
         else:
-            for m in self._open_tar().getmembers():
-                if m.isfile():
-                    self._tar_members[m.name] = m
-                    add(m.name, m.size)
-                elif m.issym() or m.islnk():
-                    refused.append({"path": m.name, "reason": "link entry"})
-        return sorted(entries, key=lambda e: e.relpath), refused
+            self._list_tar(add, skipped)
+        counts = Counter(e.relpath for e in raw)
+        entries = []
+        for e in raw:
+            if counts[e.relpath] > 1:
+                skipped.append({"path": e.relpath, "reason": f"duplicate entry: {counts[e.relpath]} entries of "
+                                                             "the source have this path (none packed)"})
+            else:
+                entries.append(e)
+        if self.kind != "tar":
+            entries.sort(key=lambda e: e.relpath)
+        return entries, skipped
 
-    def read(self, relpath: str) -> bytes:
+    def _list_dir(self, add: Any, skipped: list[dict[str, str]]) -> None:
+        root = os.path.realpath(self.src)
+        seen = {root}
+        stack: list[tuple[str, str]] = [(str(self.src), "")]
+        while stack:
+            folder, prefix = stack.pop()
+            with os.scandir(folder) as it:
+                children = sorted(it, key=lambda d: d.name)
+            for d in children:
+                rel = prefix + d.name
+                if d.is_symlink():
+                    real = os.path.realpath(d.path)
+                    inside = real == root or real.startswith(root + os.sep)
+                    if not self.follow_links:
+                        skipped.append({"path": rel, "reason": FOLLOW_HINT})
+                    elif not inside:
+                        skipped.append({"path": rel, "reason": "symbolic link leading outside SRC, not followed"})
+                    elif os.path.isdir(real):
+                        if real in seen:
+                            skipped.append({"path": rel, "reason": "symbolic link loop, not followed"})
+                        else:
+                            seen.add(real)
+                            stack.append((real, rel + "/"))
+                    elif os.path.isfile(real):
+                        add(rel, os.stat(real).st_size, real)
+                    else:
+                        skipped.append({"path": rel, "reason": "symbolic link to nothing"})
+                elif d.is_dir(follow_symlinks=False):
+                    if self.exclude is not None and os.path.realpath(d.path) == self.exclude:
+                        continue  # the output folder inside the source
+                    seen.add(os.path.realpath(d.path))
+                    stack.append((d.path, rel + "/"))
+                elif d.is_file(follow_symlinks=False):
+                    add(rel, d.stat(follow_symlinks=False).st_size, rel)
+                else:
+                    skipped.append({"path": rel, "reason": "not a regular file (a device, FIFO or socket)"})
+
+    def _list_tar(self, add: Any, skipped: list[dict[str, str]]) -> None:
+        n = 0
+        try:
+            with _TarStream(self.src) as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
+                for m in tar:
+                    n += 1
+                    if m.isfile():
+                        add(m.name, m.size)
+                    elif m.issym() or m.islnk():
+                        skipped.append({"path": m.name, "reason": "link entry"})
+                    elif not m.isdir():
+                        skipped.append({"path": m.name, "reason": "not a regular file (a device or FIFO entry)"})
+                raw.check_end()
+        except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError) as exc:
+            skipped.append({"path": f"{self.src.name} (after entry {n})",
+                            "reason": f"archive truncated or damaged: {reason_of(exc)}"})
+
+    def read(self, entry: Entry) -> bytes:
+        """The bytes of one listed file (not for tars: :meth:`stream`); at most ``max_entry_bytes``."""
+        limit = self.max_entry_bytes
         if self.kind == "dir":
-            return (self.src / relpath).read_bytes()
-        if self.kind == "zip":
-            return self._open_zip().read(relpath)
-        tar = self._open_tar()
-        if not self._tar_members:
-            self._tar_members = {m.name: m for m in tar.getmembers()}
-        member = self._tar_members.get(relpath) or self._tar_members[f"./{relpath}"]
-        f = tar.extractfile(member)
-        return f.read() if f else b""
+            path = Path(entry.key) if os.path.isabs(entry.key) else self.src / entry.key
+            with open(path, "rb") as f:
+                data = f.read(limit + 1)
+        elif self.kind == "zip":
+            with self._open_zip().open(entry.key) as f:
+                data = f.read(limit + 1)
+        else:
+            raise TypeError("tar sources are read in one pass: Source.stream")
+        if len(data) > limit:
+            raise DecodeError(f"more than {limit:,} bytes (decompression-bomb guard)")
+        return data
+
+    def stream(self, wanted: set[str]) -> Iterator[tuple[str, bytes | str]]:
+        """One pass over a tar in archive order: ``(member name, bytes or a skip reason)`` for ``wanted``.
+
+        A damaged or truncated archive ends the pass; the members not reached are not yielded."""
+        try:
+            with _TarStream(self.src) as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
+                for m in tar:
+                    if m.name not in wanted or not m.isfile():
+                        continue
+                    try:
+                        f = tar.extractfile(m)
+                        yield m.name, f.read() if f is not None else b""
+                    except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError) as exc:
+                        yield m.name, f"unreadable entry: {reason_of(exc)}"
+                        return
+        except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError) as exc:
+            log.warning("%s: archive ends early (%s)", self.src, reason_of(exc))
 
     def _open_zip(self) -> zipfile.ZipFile:
         if self._zip is None:
             self._zip = zipfile.ZipFile(self.src)
         return self._zip
 
-    def _open_tar(self) -> tarfile.TarFile:
-        if self._tar is None:
-            self._tar = tarfile.open(self.src)  # noqa: SIM115 - kept open while the source is read
-        return self._tar
+
+class _TarStream:
+    """A tar's bytes, decompressed as they are read, remembering the last 1 KiB and the count.
+
+    tarfile ends a stream silently where a header is missing, so a tar cut at a member
+    boundary would look complete: :meth:`check_end` drains the rest and raises unless the
+    archive ends as every tar writer ends it (whole 512-byte blocks, two zero blocks last)."""
+
+    def __init__(self, path: Path):
+        with open(path, "rb") as f:
+            magic = f.read(6)
+        opener = (gzip.open if magic[:2] == b"\x1f\x8b" else bz2.open if magic[:3] == b"BZh"
+                  else lzma.open if magic == b"\xfd7zXZ\x00" else open)
+        self._f = opener(path, "rb")
+        self._tail = b""
+        self.count = 0
+        self.cut: EOFError | None = None
+
+    def read(self, n: int = -1) -> bytes:
+        # In 64 KiB steps: a decompressor that hits the cut raises and drops what that step read.
+        chunks, want = [], n if n >= 0 else 1 << 62
+        while want > 0 and self.cut is None:
+            try:
+                chunk = self._f.read(min(1 << 16, want))
+            except EOFError as exc:
+                self.cut = exc
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+            want -= len(chunk)
+        data = b"".join(chunks)
+        self.count += len(data)
+        self._tail = (self._tail + data)[-1024:]
+        return data
+
+    def check_end(self) -> None:
+        while self.read(1 << 20):
+            pass
+        if self.cut is not None:
+            raise self.cut
+        if self.count % 512 or len(self._tail) < 1024 or self._tail.strip(b"\0"):
+            raise EOFError("the archive ends without a tar end-of-archive marker (cut short)")
+
+    def __enter__(self) -> _TarStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._f.close()
+
+
+def _is_tar(path: Path) -> bool:
+    try:
+        return tarfile.is_tarfile(path)
+    except (OSError, EOFError, zlib.error):
+        return False
 
 
 def _strip_common_root(paths: list[str]) -> str:
-    """The single top folder every path shares (``imagenette2-224/``), or ''."""
-    tops = {p.split("/", 1)[0] for p in paths}
-    if len(tops) == 1 and all("/" in p for p in paths):
+    """The wrapper folders every path shares (``imagenette2-224/``), or ''.
+
+    A single top folder is a wrapper when it holds folders only and is not a split; a single
+    top folder that holds images directly is left for :func:`check_layout` to question."""
+    root = ""
+    rest = paths
+    while rest:
+        tops = {p.split("/", 1)[0] for p in rest}
+        if len(tops) != 1 or not all(p.count("/") >= 2 for p in rest):
+            break
         top = tops.pop()
-        if top not in SPLIT_NAMES:
-            return top + "/"
-    return ""
+        if top.lower() in SPLIT_ALIASES:
+            break
+        root += top + "/"
+        rest = [p.split("/", 1)[1] for p in rest]
+    return root
 
 
 def layout(relpath: str) -> tuple[str, str | None]:
-    """``(split, class_name)`` from a path below the source root.
+    """``(split, class_name)`` from a path below the source root (after its wrapper folders).
 
-    ``train/<class>/x.jpg`` -> (train, class); ``<class>/x.jpg`` -> (train, class);
-    ``x.jpg`` -> (train, None): a flat folder is unlabeled.
+    ``train/<class>/.../x.jpg`` -> (train, class); ``validation/...``, ``valid/...`` -> val;
+    ``<class>/.../x.jpg`` -> (train, class): the class is the first folder (ImageFolder's rule);
+    ``x.jpg`` or ``val/x.jpg`` -> unlabeled.
     """
     parts = relpath.split("/")
-    if len(parts) >= 3 and parts[0] in SPLIT_NAMES:
-        return parts[0], parts[1]
-    if len(parts) >= 2 and parts[0] in SPLIT_NAMES:
-        return parts[0], None
-    if len(parts) >= 2:
-        return "train", parts[-2]
-    return "train", None
+    split = "train"
+    if len(parts) >= 2 and parts[0].lower() in SPLIT_ALIASES:
+        split, parts = SPLIT_ALIASES[parts[0].lower()], parts[1:]
+    return split, parts[0] if len(parts) >= 2 else None
+
+
+def check_layout(relpaths: list[str], unlabeled: bool = False) -> None:
+    """Raise LayoutError when the split and class folders can be read more than one way.
+
+    Ambiguous: split folders beside other folders (``train/`` next to ``cat/``); images directly
+    in a split or the root beside class folders; a single folder of images (one class, or an
+    unlabeled set in a wrapper?); one class only. ``unlabeled`` packs every image without a label.
+    """
+    tops = {p.split("/", 1)[0] for p in relpaths if "/" in p}
+    splits = {t for t in tops if t.lower() in SPLIT_ALIASES}
+    if splits and tops - splits:
+        others = ", ".join(sorted(tops - splits)[:5])
+        raise LayoutError(
+            f"split folders ({', '.join(sorted(splits))}) beside other folders ({others}): "
+            f"are these classes of train, or splits? Move them under a split ({', '.join(SPLIT_NAMES)})"
+        )
+    if unlabeled:
+        return
+    by_split: dict[str, tuple[set[str], list[str]]] = {}
+    for p in relpaths:
+        split, cls = layout(p)
+        classes, loose = by_split.setdefault(split, (set(), []))
+        if cls is None:
+            loose.append(p)
+        else:
+            classes.add(cls)
+    for split, (classes, loose) in sorted(by_split.items()):
+        if classes and loose:
+            raise LayoutError(
+                f"split {split!r} has images in class folders ({', '.join(sorted(classes)[:3])}) and loose images "
+                f"beside them ({loose[0]}): put every image in a class folder, or pass --unlabeled"
+            )
+    labeled = {c for classes, _ in by_split.values() for c in classes}
+    if len(labeled) == 1:
+        raise LayoutError(
+            f"one class only ({labeled.pop()!r}): one folder of images is either one class or an unlabeled set "
+            "in a wrapper folder; pass --unlabeled for an unlabeled set, or add the other class folders"
+        )
 
 
 @dataclass(frozen=True)
@@ -168,6 +421,7 @@ class ShardPlan:
     split: str
     index: int
     relpaths: tuple[str, ...]
+    names: tuple[str, ...] = ()  # how each file is read (Entry.key); not part of the plan's identity
 
     @property
     def filename(self) -> str:
@@ -175,38 +429,40 @@ class ShardPlan:
 
 
 def plan_shards(entries: list[Entry], root: str, target_bytes: int) -> list[ShardPlan]:
-    """Cut the sorted entries of each split into shards of about ``target_bytes``."""
+    """Cut the entries of each split, in the order given, into shards of about ``target_bytes``."""
     by_split: dict[str, list[Entry]] = {}
     for e in entries:
         by_split.setdefault(layout(e.relpath[len(root):])[0], []).append(e)
     plans = []
     for split in sorted(by_split):
-        current: list[str] = []
+        current: list[Entry] = []
         size = 0
+        index = 0
         for e in by_split[split]:
             if current and size + e.size > target_bytes:
-                plans.append(ShardPlan(split, sum(p.split == split for p in plans), tuple(current)))
+                plans.append(ShardPlan(split, index, tuple(c.relpath for c in current), tuple(c.key for c in current)))
+                index += 1
                 current, size = [], 0
-            current.append(e.relpath)
+            current.append(e)
             size += e.size
         if current:
-            plans.append(ShardPlan(split, sum(p.split == split for p in plans), tuple(current)))
+            plans.append(ShardPlan(split, index, tuple(c.relpath for c in current), tuple(c.key for c in current)))
     return plans
 
 
-def _build_shard(src: str, root: str, classes: list[str], plan: ShardPlan, out: str) -> dict[str, Any]:
-    """Read, check and write one shard (runs in a worker process)."""
-    source = Source(src)
+def _write_shard(root: str, classes: list[str], plan: ShardPlan, out: str, blobs: dict[str, bytes | str],
+                 unlabeled: bool = False) -> dict[str, Any]:
+    """Check and write one shard from its files' bytes (a str is the reason a file could not be read)."""
     class_index = {c: i for i, c in enumerate(classes)}
     rows: dict[str, list[Any]] = {"image_id": [], "image": [], "label": [], "split": []}
     skipped = []
-    for rel in plan.relpaths:
+    for rel, name in zip(plan.relpaths, plan.names or plan.relpaths):
         image_id = rel[len(root):]
         split, cls = layout(image_id)
-        if PurePosixPath(image_id).name.startswith("."):
-            skipped.append({"path": image_id, "reason": "hidden file"})
+        data = blobs.get(name, "archive ends before this entry")
+        if isinstance(data, str):
+            skipped.append({"path": image_id, "reason": data})
             continue
-        data = source.read(rel)
         try:
             # A small draft decode reads every compressed byte, so truncation is caught,
             # at a fraction of the cost of a full-size decode.
@@ -216,7 +472,7 @@ def _build_shard(src: str, root: str, classes: list[str], plan: ShardPlan, out: 
             continue
         rows["image_id"].append(image_id)
         rows["image"].append(data)
-        rows["label"].append(class_index[cls] if cls is not None else None)
+        rows["label"].append(class_index[cls] if cls is not None and not unlabeled else None)
         rows["split"].append(split)
     table = pa.table(rows, schema=schema.with_metadata(schema.IMAGES, classes=classes, skipped=skipped))
     fs, path = filesystem(join(out, plan.filename))
@@ -226,6 +482,39 @@ def _build_shard(src: str, root: str, classes: list[str], plan: ShardPlan, out: 
     return {"file": plan.filename, "rows": table.num_rows, "skipped": skipped}
 
 
+def _build_shard(src: str, root: str, classes: list[str], plan: ShardPlan, out: str,
+                 max_entry_bytes: int = MAX_ENTRY_BYTES, unlabeled: bool = False) -> dict[str, Any]:
+    """Read, check and write one shard of a folder or zip (runs in a worker process)."""
+    source = Source(src, max_entry_bytes=max_entry_bytes, follow_links=True)
+    blobs: dict[str, bytes | str] = {}
+    for rel, name in zip(plan.relpaths, plan.names or plan.relpaths):
+        try:
+            blobs[name] = source.read(Entry(rel, 0, name))
+        except DecodeError as exc:
+            blobs[name] = str(exc)
+        except Exception as exc:  # an unreadable entry (bad CRC, Deflate64, vanished file) is skipped, listed
+            blobs[name] = f"unreadable entry: {reason_of(exc)}"
+    return _write_shard(root, classes, plan, out, blobs, unlabeled)
+
+
+@contextmanager
+def _pack_lock(out_path: str, local: bool) -> Iterator[None]:
+    """One pack at a time per OUT (``flock``, released by the kernel when its holder dies)."""
+    if not local:
+        yield
+        return
+    with open(os.path.join(out_path, LOCK), "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("another pack is writing %s; waiting for it", out_path)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def pack(
     src: str | Path,
     out: str,
@@ -233,37 +522,87 @@ def pack(
     shard_mb: float = 256.0,
     workers: int | None = None,
     progress: bool = True,
+    follow_links: bool = False,
+    unlabeled: bool = False,
+    max_entry_bytes: int = MAX_ENTRY_BYTES,
 ) -> dict[str, Any]:
     """Pack an image collection into Parquet shards under ``out``; return the report.
 
-    Safe to rerun: shards already in ``out`` are kept, missing ones written.
+    Safe to rerun: shards already in ``out`` are kept, missing ones written. Two packs into one
+    ``out`` run one after the other; the second finds the first's plan and either finishes it
+    (the same source and shard size) or is refused.
     """
     from tqdm import tqdm
 
-    source = Source(src)
+    if not (isinstance(shard_mb, (int, float)) and 0 < shard_mb < 2**40):
+        raise DataError(f"--shard-mb: expected a number of MB > 0, got {shard_mb!r}")
+    fs, out_path = filesystem(out)
+    local = isinstance(fs, pafs.LocalFileSystem)
+    if local and os.path.exists(out_path) and not os.path.isdir(out_path):
+        raise DataError(f"{out}: exists and is not a folder")
+    source = Source(src, follow_links=follow_links, max_entry_bytes=max_entry_bytes,
+                    exclude=out_path if local else None)
     entries, refused = source.list()
     if not entries:
-        raise ValueError(f"{src}: no files found")
+        raise DataError(f"{src}: no image files found" + (f" ({len(refused)} entries skipped: "
+                        f"{refused[0]['path']}: {refused[0]['reason']}, ...)" if refused else ""))
     root = _strip_common_root([e.relpath for e in entries])
-    classes = sorted({c for e in entries if (c := layout(e.relpath[len(root):])[1]) is not None})
-    plans = plan_shards(entries, root, int(shard_mb * 2**20))
-    fs, out_path = filesystem(out)
+    check_layout([e.relpath[len(root):] for e in entries], unlabeled)
+    classes = [] if unlabeled else sorted(
+        {c for e in entries if (c := layout(e.relpath[len(root):])[1]) is not None}
+    )
+    plans = plan_shards(entries, root, max(1, int(shard_mb * 2**20)))
     fs.create_dir(out_path, recursive=True)
-    _remove_stale_tmp(fs, out_path)
-    _claim_plan(out, plans)
-    todo = [p for p in plans if fs.get_file_info(f"{out_path}/{p.filename}").type != pafs.FileType.File]
-    n_todo = sum(len(p.relpaths) for p in todo)
-    log.info("%d files in %d shards; %d shards to write", len(entries), len(plans), len(todo))
-    workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
-    bar = tqdm(total=n_todo, unit="img", desc=f"pack {Path(src).name}", disable=not progress)
-    with ProcessPoolExecutor(workers) as pool:
-        futures = [pool.submit(_build_shard, str(src), root, classes, p, out) for p in todo]
-        for plan, fut in zip(todo, futures):
+    with _pack_lock(out_path, local):
+        _remove_stale_tmp(fs, out_path)
+        _claim_plan(out, plans)
+        todo = [p for p in plans if fs.get_file_info(f"{out_path}/{p.filename}").type != pafs.FileType.File]
+        n_todo = sum(len(p.relpaths) for p in todo)
+        log.info("%d files in %d shards; %d shards to write", len(entries), len(plans), len(todo))
+        workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
+        bar = tqdm(total=n_todo, unit="img", desc=f"pack {Path(src).name}", disable=not progress)
+        with ProcessPoolExecutor(workers) as pool:
+            if source.kind == "tar":
+                _pack_tar(source, root, classes, todo, out, pool, workers, bar, unlabeled)
+            else:
+                futures = [pool.submit(_build_shard, str(src), root, classes, p, out, max_entry_bytes, unlabeled)
+                           for p in todo]
+                for plan, fut in zip(todo, futures):
+                    fut.result()
+                    bar.update(len(plan.relpaths))
+        bar.close()
+        return _write_report(out, classes, refused, source=str(src))
+
+
+def _pack_tar(source: Source, root: str, classes: list[str], todo: list[ShardPlan], out: str,
+              pool: ProcessPoolExecutor, workers: int, bar: Any, unlabeled: bool) -> None:
+    """A tar is read once, in archive order (a compressed tar cannot seek back): each shard goes
+    to a worker as soon as its last file has been read; at most ``2 * workers`` wait in memory."""
+    owner = {name: i for i, p in enumerate(todo) for name in (p.names or p.relpaths)}
+    blobs: list[dict[str, bytes | str]] = [{} for _ in todo]
+    pending: list[tuple[ShardPlan, Future]] = []
+
+    def submit(i: int) -> None:
+        pending.append((todo[i], pool.submit(_write_shard, root, classes, todo[i], out, blobs[i], unlabeled)))
+        blobs[i] = {}
+        while len(pending) > 2 * workers:
+            plan, fut = pending.pop(0)
             fut.result()
             bar.update(len(plan.relpaths))
-    bar.close()
-    report = _write_report(out, classes, refused, source=str(src))
-    return report
+
+    done = [False] * len(todo)
+    for name, data in source.stream(set(owner)):
+        i = owner[name]
+        blobs[i][name] = data
+        if len(blobs[i]) == len(todo[i].relpaths):
+            done[i] = True
+            submit(i)
+    for i, finished in enumerate(done):
+        if not finished:  # the archive ended first: what was read is packed, the rest listed as skipped
+            submit(i)
+    for plan, fut in pending:
+        fut.result()
+        bar.update(len(plan.relpaths))
 
 
 def _claim_plan(out: str, plans: list[ShardPlan]) -> None:
@@ -278,14 +617,15 @@ def _claim_plan(out: str, plans: list[ShardPlan]) -> None:
     if fs.get_file_info(path).type == pafs.FileType.File:
         with fs.open_input_stream(path) as f:
             if json.loads(f.read())["plan"] != plan_key:
-                raise ValueError(
+                raise DataError(
                     f"{out} holds shards packed from another source or with another --shard-mb; "
                     "pack into an empty folder (or rerun with the same source and shard size)"
                 )
         return
     if shard_files(out):
-        raise ValueError(f"{out} holds shards that this pack did not plan; pack into an empty folder")
-    write_bytes_atomic(uri, json.dumps({"plan": plan_key, "shards": len(plans)}).encode())
+        raise DataError(f"{out} holds shards that this pack did not plan; pack into an empty folder")
+    record = {"plan": plan_key, "shards": len(plans), "files": [p.filename for p in plans]}
+    write_bytes_atomic(uri, json.dumps(record).encode())
 
 
 def _remove_stale_tmp(fs: pafs.FileSystem, out_path: str) -> None:
@@ -326,6 +666,8 @@ def info(path: str) -> dict[str, Any]:
     files = shard_files(path)
     if not files:
         raise FileNotFoundError(f"{path}: no shards (expected files like train-00000.parquet)")
+    check_complete(path)
+    class_names(path)  # every shard carries the same classes
     fs, base = filesystem(join(path, REPORT))
     if fs.get_file_info(base).type == pafs.FileType.File:
         with fs.open_input_stream(base) as f:

@@ -8,6 +8,7 @@ the limit rule, the long-tailed subset), so stage folders change when the data d
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,19 +29,61 @@ if TYPE_CHECKING:
     from ktray.config import DataConfig
 
 
-_SHARD_RE = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-(?P<index>\d{5})\.parquet$")
+# Five digits or more: index 100000 and up is written as is (``train-123456.parquet``).
+_SHARD_RE = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-(?P<index>\d{5,})\.parquet$")
+
+PLAN = ".pack_plan.json"  # written by the packer before its first shard: the shards a complete set holds
+
+
+class DataError(ValueError):
+    """A shard directory that cannot be used as it is (incomplete, mixed), with what to do about it."""
+
+
+def _shard_order(name: str) -> tuple[str, int]:
+    m = _SHARD_RE.match(name)
+    assert m is not None
+    return m["split"], int(m["index"])  # for 5-digit names, the same order as the names sorted
 
 
 def shard_files(path: str, split: str | None = None) -> list[str]:
-    """Sorted shard paths (URIs when ``path`` is one) of ``split`` or of every split."""
+    """Sorted shard paths (URIs when ``path`` is one) of ``split`` or of every split, by split then index."""
     fs, base = filesystem(path)
     infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
     names = sorted(
-        i.base_name for i in infos
-        if (m := _SHARD_RE.match(i.base_name)) and (split is None or m["split"] == split)
+        (i.base_name for i in infos
+         if (m := _SHARD_RE.match(i.base_name)) and (split is None or m["split"] == split)),
+        key=_shard_order,
     )
     prefix = path.rstrip("/") if "://" in path else base
     return [f"{prefix}/{n}" for n in names]
+
+
+def check_complete(path: str) -> None:
+    """Raise DataError when ``path`` holds fewer (or other) shards than its pack planned.
+
+    A pack records its plan before writing; an interrupted pack leaves only whole shards, but
+    not all of them, and a partial set must never be read as if it were the data set. A set
+    without a plan (packed elsewhere) is taken as it is.
+    """
+    fs, base = filesystem(path)
+    plan_path = f"{base}/{PLAN}"
+    if fs.get_file_info(plan_path).type != pafs.FileType.File:
+        return
+    with fs.open_input_stream(plan_path) as f:
+        try:
+            plan = json.loads(f.read())
+        except ValueError:
+            raise DataError(f"{path}: {PLAN} is damaged; pack the set again into an empty folder") from None
+    present = {Path(f).name for f in shard_files(path)}
+    planned = set(plan.get("files") or [])
+    missing = sorted(planned - present) if planned else []
+    expected = len(planned) if planned else int(plan.get("shards", len(present)))
+    if missing or len(present) != expected:
+        example = f" (missing: {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})" if missing else ""
+        raise DataError(
+            f"{path}: {len(present)} of {expected} planned shards{example}: the pack did not finish; "
+            "run the same `ktray data pack SRC OUT` again to write the missing shards"
+        )
 
 
 def sample_path() -> str:
@@ -53,8 +96,11 @@ def data_path(cfg: DataConfig) -> str:
 
 
 def data_key(path: str) -> str:
-    """Identity of a shard directory for the run directory's hashes: names and sizes."""
+    """Identity of a shard directory for the run directory's hashes: names and sizes.
+
+    An incomplete pack has no identity: it is refused here, before any stage hashes it."""
     fs, _ = filesystem(path)
+    check_complete(path)
     files = shard_files(path)
     if not files:
         raise FileNotFoundError(f"{path}: no shards (expected files like train-00000.parquet)")
@@ -62,11 +108,23 @@ def data_key(path: str) -> str:
 
 
 def class_names(path: str) -> list[str]:
+    """The class names every shard carries; DataError when shards disagree (two packs mixed in one folder)."""
     files = shard_files(path)
     if not files:
         raise FileNotFoundError(f"{path}: no shards")
-    fs, p = filesystem(files[0])
-    return list(schema.read_metadata(pq.read_schema(p, filesystem=fs)).get("classes", []))
+    check_complete(path)
+    fs, _ = filesystem(path)
+    seen: dict[tuple[str, ...], str] = {}
+    for f in files:
+        meta = schema.read_metadata(pq.read_schema(filesystem(f)[1], filesystem=fs))
+        seen.setdefault(tuple(meta.get("classes", [])), Path(f).name)
+    if len(seen) > 1:
+        (a, fa), (b, fb) = list(seen.items())[:2]
+        raise DataError(
+            f"{path}: shards from different packs: {fa} has {len(a)} classes, {fb} has {len(b)} "
+            f"({', '.join(sorted(set(a) ^ set(b))[:5])} differ); pack each set into its own empty folder"
+        )
+    return list(next(iter(seen)))
 
 
 def load_table(path: str, split: str | None = None, columns: list[str] | None = None) -> pa.Table:
@@ -74,6 +132,7 @@ def load_table(path: str, split: str | None = None, columns: list[str] | None = 
     files = shard_files(path, split)
     if not files:
         raise FileNotFoundError(f"{path}: no shards for split {split!r}")
+    check_complete(path)
     fs, _ = filesystem(path)
     tables = [pq.read_table(filesystem(f)[1], filesystem=fs, columns=columns) for f in files]
     for t in tables:
@@ -115,6 +174,7 @@ def read_images(path: str, split: str | None = None, limit: int = 0, block_rows:
     files = shard_files(path, split)
     if not files:
         raise FileNotFoundError(f"{path}: no shards for split {split!r}")
+    check_complete(path)
     fs, _ = filesystem(path)
     schema.check_images(pq.read_schema(filesystem(files[0])[1], filesystem=fs))
     keep = None
