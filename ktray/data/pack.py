@@ -297,22 +297,31 @@ class _TarStream:
     def __init__(self, path: Path):
         with open(path, "rb") as f:
             magic = f.read(6)
-        opener = (gzip.open if magic[:2] == b"\x1f\x8b" else bz2.open if magic[:3] == b"BZh"
-                  else lzma.open if magic == b"\xfd7zXZ\x00" else open)
-        self._f = opener(path, "rb")
+        self._open = (gzip.open if magic[:2] == b"\x1f\x8b" else bz2.open if magic[:3] == b"BZh"
+                      else lzma.open if magic == b"\xfd7zXZ\x00" else open)
+        self._path = path
+        self._f = self._open(path, "rb")
         self._tail = b""
         self.count = 0
         self.cut: EOFError | None = None
+        self._step = 1 << 16
 
     def read(self, n: int = -1) -> bytes:
-        # In 64 KiB steps: a decompressor that hits the cut raises and drops what that step read.
         chunks, want = [], n if n >= 0 else 1 << 62
         while want > 0 and self.cut is None:
             try:
-                chunk = self._f.read(min(1 << 16, want))
+                chunk = self._f.read(min(self._step, want))
             except EOFError as exc:
-                self.cut = exc
-                break
+                if self._step == 512:
+                    self.cut = exc
+                    break
+                # A decompressor that hits the cut drops what that call read: go back to the
+                # last good offset and read up to the cut block by block (once, at the cut).
+                self._f.close()
+                self._f = self._open(self._path, "rb")
+                self._f.seek(self.count + sum(len(c) for c in chunks))
+                self._step = 512
+                continue
             if not chunk:
                 break
             chunks.append(chunk)
