@@ -15,6 +15,7 @@ field (``cluster.k``) and what it accepts, before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -95,6 +96,8 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
+        if not math.isfinite(value):
+            raise ConfigError(f"{name}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -298,6 +301,14 @@ class PretextConfig(Section):
     )
 
     def check(self) -> None:
+        # Singleton bound of permutation codes: at most 9! / (d - 1)! permutations of 9 tiles
+        # differ pairwise in d places, so a larger set cannot be found, however long the search.
+        most = math.factorial(9) // math.factorial(self.min_hamming - 1)
+        if self.num_permutations > most:
+            raise ConfigError(
+                f"pretext.num_permutations: at most {most:,} permutations of 9 tiles can differ pairwise in "
+                f"min_hamming = {self.min_hamming} places, got {self.num_permutations}"
+            )
         if self.tile > self.crop // 3:
             raise ConfigError(
                 f"pretext.tile: must be <= crop // 3 = {self.crop // 3} (a tile lies in one cell), got {self.tile}"
@@ -485,6 +496,37 @@ class Config(Section):
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
+# A config is a few hundred values: more means YAML aliases expanding (a "billion laughs" bomb).
+MAX_CONFIG_VALUES = 10_000
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _check_size(where: str, tree: Any) -> None:
+    """Refuse a loaded YAML tree that expands to more than MAX_CONFIG_VALUES values (aliases counted
+    every time they are used), without expanding it."""
+    budget = MAX_CONFIG_VALUES
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise ConfigError(f"{where}: expands to more than {MAX_CONFIG_VALUES:,} values (YAML aliases?)")
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+
+
+def _yaml(where: str, text: str) -> Any:
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML: {' '.join(str(exc).split())}") from None
+    _check_size(where, value)
+    return value
+
+
 def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
@@ -502,7 +544,7 @@ def parse_overrides(overrides: typing.Iterable[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. cluster.k=500")
         key, raw = item.split("=", 1)
-        _set_path(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        _set_path(tree, key.strip(), _yaml(f"override {key.strip()}", raw) if raw.strip() else "")
     return tree
 
 
@@ -517,26 +559,52 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def resolve_preset(path: str | Path) -> Path:
-    """A preset name (``tiny``) or a path to a YAML file."""
+    """A preset name (``tiny``) or a path to a YAML file.
+
+    A bare name (no ``/``, no ``.yaml``/``.yml``) that names a preset is the preset, whatever
+    the working directory holds (``./tiny`` means the file); anything else is a path, and
+    must be a file.
+    """
+    text = str(path)
+    named = PRESETS_DIR / f"{text}.yaml"
+    bare = "/" not in text and not text.endswith((".yaml", ".yml"))
+    if bare and re.fullmatch(r"[A-Za-z0-9_\-]+", text) and named.is_file():
+        return named
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config {text!r}: is a folder, not a YAML file (a preset is one of: {_preset_names()})")
     if p.exists():
         return p
-    named = PRESETS_DIR / f"{path}.yaml"
-    if named.exists():
-        return named
-    names = ", ".join(sorted(q.stem for q in PRESETS_DIR.glob("*.yaml")))
-    raise ConfigError(f"config {str(path)!r}: no such file or preset (presets: {names})")
+    raise ConfigError(f"config {text!r}: no such file or preset (presets: {_preset_names()})")
+
+
+def _preset_names() -> str:
+    return ", ".join(sorted(q.stem for q in PRESETS_DIR.glob("*.yaml")))
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> Config:
     """Load a YAML preset or file, apply ``key=value`` overrides, validate everything."""
     tree: dict[str, Any] = {}
     if path is not None:
-        text = resolve_preset(path).read_text()
+        file = resolve_preset(path)
+        where = f"config {str(path)!r}"
         try:
-            tree = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config {str(path)!r}: not valid YAML: {exc}") from None
+            with open(file, "rb") as f:
+                blob = f.read(MAX_CONFIG_BYTES + 1)
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot be read ({exc.strerror or exc})") from None
+        if len(blob) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{where}: larger than {MAX_CONFIG_BYTES:,} bytes; not a config")
+        try:
+            text = blob.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{where}: not UTF-8 text") from None
+        tree = _yaml(where, text)
+        if tree is None:
+            tree = {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{where}: expected a mapping of sections (data:, cluster: ...), got a "
+                              f"{type(tree).__name__}")
     tree = _merge(tree, parse_overrides(overrides))
     return Config.from_dict(tree)  # type: ignore[return-value]
 

@@ -171,6 +171,8 @@ class Source:
                 raise DataError(f"{self.src}: unreadable zip ({reason_of(exc)})") from None
             for info in infos:
                 if info.is_dir():
+                    if info.file_size:
+                        skipped.append({"path": info.filename, "reason": "a folder entry that holds data"})
                     continue
                 if info.flag_bits & 0x1:
                     skipped.append({"path": info.filename, "reason": "encrypted entry"})
@@ -570,7 +572,7 @@ def pack(
         log.info("%d files in %d shards; %d shards to write", len(entries), len(plans), len(todo))
         workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
         bar = tqdm(total=n_todo, unit="img", desc=f"pack {Path(src).name}", disable=not progress)
-        with ProcessPoolExecutor(workers) as pool:
+        with ProcessPoolExecutor(workers) if workers > 1 else _Inline() as pool:
             if source.kind == "tar":
                 _pack_tar(source, root, classes, todo, out, pool, workers, bar, unlabeled)
             else:
@@ -583,8 +585,26 @@ def pack(
         return _write_report(out, classes, refused, source=str(src))
 
 
+class _Inline:
+    """An executor that runs each call at once in this process (one worker: no pool to orphan)."""
+
+    def submit(self, fn: Any, *args: Any) -> Future:
+        fut: Future = Future()
+        try:
+            fut.set_result(fn(*args))
+        except Exception as exc:
+            fut.set_exception(exc)
+        return fut
+
+    def __enter__(self) -> _Inline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
 def _pack_tar(source: Source, root: str, classes: list[str], todo: list[ShardPlan], out: str,
-              pool: ProcessPoolExecutor, workers: int, bar: Any, unlabeled: bool) -> None:
+              pool: ProcessPoolExecutor | _Inline, workers: int, bar: Any, unlabeled: bool) -> None:
     """A tar is read once, in archive order (a compressed tar cannot seek back): each shard goes
     to a worker as soon as its last file has been read; at most ``2 * workers`` wait in memory."""
     owner = {name: i for i, p in enumerate(todo) for name in (p.names or p.relpaths)}
