@@ -41,6 +41,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+class StageDamaged(RuntimeError):
+    """A finished stage folder whose manifest or files are damaged: never reused, never silently redone."""
+
+
 @dataclass(frozen=True)
 class Output:
     """What a stage's ``compute`` hands back: the files it wrote (relative to its folder) and its figures."""
@@ -115,6 +119,11 @@ def ensure(spec: StageSpec, *, force: bool = False, tracker: Tracker | None = No
         if force:
             clear(sd)
         reused = sd.done()
+        if reused and (problem := sd.damage()) is not None:
+            raise StageDamaged(
+                f"[{spec.name}] {sd.uri} is marked done but {problem}: recompute it with "
+                f"`ktray run CONFIG --force {spec.name}` (or delete the folder)"
+            )
         if reused:
             print(f"[{spec.name}] done already: {sd.uri}", flush=True)
             record_event(root, stage=spec.name, dir=sd.name, event="reused")

@@ -76,6 +76,19 @@ class StageDir:
     def manifest(self) -> dict[str, Any]:
         return json.loads(read_bytes(self.path(MANIFEST)))
 
+    def damage(self) -> str | None:
+        """What is wrong with a done folder (a torn manifest, a listed file gone), or None when it is whole."""
+        try:
+            manifest = self.manifest()
+        except (ValueError, OSError) as exc:
+            return f"its {MANIFEST} cannot be read ({type(exc).__name__})"
+        files = manifest.get("files") if isinstance(manifest, dict) else None
+        if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+            return f"its {MANIFEST} has no list of files"
+        fs, _ = filesystem(self.uri)
+        missing = [f for f in files if fs.get_file_info(filesystem(self.path(f))[1]).type == pafs.FileType.NotFound]
+        return f"{len(missing)} of its files are gone ({', '.join(missing[:3])})" if missing else None
+
     def make(self) -> None:
         fs, path = filesystem(self.uri)
         fs.create_dir(path, recursive=True)
