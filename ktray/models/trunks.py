@@ -27,12 +27,22 @@ own blocks with every channel count scaled by ``width``.
 
 Weights files (``teacher.pt``, ``student.pt``) hold ``{"arch", "width", "state_dict"}`` only and
 are read back with ``torch.load(weights_only=True)``: no pickled code crosses a stage boundary.
+
+torchvision twins: a ResNet trunk's conv layers are torchvision's ``resnet18``/``resnet50`` under
+the same key names (``conv1``, ``bn1``, ``layer1``..``layer4``; ``fc`` is not part of a trunk);
+VGG16's are ``vgg16_bn().features`` without its last max pool (torchvision's convs carry a
+bias, ktray's fold it into the batch norm's shift: zero out, ``running_mean`` in).
+AlexNet-BN has no torchvision twin; its torchvision-style layout is the documented module
+:func:`features` (the five stages flattened into one ``nn.Sequential``, keys ``features.<i>``).
+fc6/fc7 (batch-normed, max-pooled) have no torchvision counterpart and stay in ktray's format.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import itertools
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -314,9 +324,247 @@ def load_trunk(uri: str) -> Trunk:
     return trunk.eval()
 
 
+# --------------------------------------------------------------------------- torchvision twins
+
+# ResNet: ktray key prefix -> torchvision key prefix (stages.conv2.0 is the parameterless max pool).
+_RESNET_PREFIXES = {
+    "stages.conv1.0.": "conv1.",
+    "stages.conv1.1.": "bn1.",
+    "stages.conv2.1.": "layer1.",
+    "stages.conv3.": "layer2.",
+    "stages.conv4.": "layer3.",
+    "stages.conv5.": "layer4.",
+}
+_RESNET_TAP_NODES = {"conv1": "relu", "conv2": "layer1", "conv3": "layer2", "conv4": "layer3", "conv5": "layer4"}
+
+
+def features(trunk: Trunk) -> nn.Sequential:
+    """AlexNet's or VGG16's conv stages as one ``nn.Sequential`` (shared modules): the documented module.
+
+    For VGG16 it is ``torchvision.models.vgg16_bn().features[:-1]`` with bias-free convs; for
+    AlexNet-BN it is the module its torchvision-format weights (keys ``features.<i>.*``) load into.
+    """
+    if trunk.arch.startswith("resnet"):
+        raise ValueError(f"{trunk.arch} is a torchvision ResNet already; features() is for alexnet and vgg16")
+    return nn.Sequential(*[m for stage in trunk.stages.values() for m in stage])
+
+
+def _torchvision_prefixes(trunk: Trunk) -> dict[str, str]:
+    if trunk.arch.startswith("resnet"):
+        return dict(_RESNET_PREFIXES)
+    out, i = {}, 0
+    for name, stage in trunk.stages.items():
+        for j in range(len(stage)):
+            out[f"stages.{name}.{j}."] = f"features.{i}."
+            i += 1
+    return out
+
+
+def _torchvision_key(prefixes: dict[str, str], key: str) -> str | None:
+    for ours, theirs in prefixes.items():
+        if key.startswith(ours):
+            return theirs + key[len(ours) :]
+    return None  # fc6/fc7: no torchvision counterpart
+
+
+def torchvision_taps(trunk: Trunk) -> dict[str, str]:
+    """Each conv tap's node in the torchvision layout (``return_nodes`` of ``create_feature_extractor``)."""
+    if trunk.arch.startswith("resnet"):
+        return dict(_RESNET_TAP_NODES)
+    out, end = {}, 0
+    for name, stage in trunk.stages.items():
+        end += len(stage)
+        out[name] = f"features.{end - 1}"  # the stage's last ReLU
+    return out
+
+
+def torchvision_state_dict(trunk: Trunk) -> dict[str, Tensor]:
+    """The conv stages under torchvision's key names (module docstring); fc6/fc7 are left out.
+
+    Loads with ``strict=False`` into ``torchvision.models.resnet18/50()`` (missing: ``fc``) or
+    ``vgg16_bn()`` (missing: ``classifier``) at width 1, and into :func:`features` for AlexNet.
+    """
+    prefixes = _torchvision_prefixes(trunk)
+    out: dict[str, Tensor] = {}
+    for key, value in trunk.state_dict().items():
+        theirs = _torchvision_key(prefixes, key)
+        if theirs is not None:
+            out[theirs] = value.detach().cpu().clone()
+    if trunk.arch == "vgg16":
+        for i, m in enumerate(features(trunk)):
+            if isinstance(m, nn.Conv2d):
+                out[f"features.{i}.bias"] = torch.zeros(m.out_channels)
+    return out
+
+
+def _width_from_shapes(
+    arch: str, state: dict[str, Tensor], reference: dict[str, Tensor], keys: dict[str, str]
+) -> float:
+    """The width multiplier that gives every layer of ``state`` its channel count.
+
+    Counts are ``scaled(nominal, width)`` (ResNet's bottleneck outputs 4x one), so the widths
+    between two rounding cuts of any nominal count all build the same trunk: one try per interval
+    (the shortest decimal in it) on the meta device.
+    """
+    c1 = state[keys["stages.conv1.0.weight"]].shape[0]
+    n1 = reference["stages.conv1.0.weight"].shape[0]
+    lo, hi = (c1 - 0.5) / n1, (c1 + 0.5) / n1
+    nominals = {v.shape[0] for v in reference.values() if v.dim() == 4}
+    cuts = sorted({lo, hi} | {(k + 0.5) / n for n in nominals for k in range(int(lo * n), int(hi * n) + 1)
+                             if lo < (k + 0.5) / n < hi})
+    for a, b in itertools.pairwise(cuts):
+        w = next(r for d in range(1, 12) if a < (r := round((a + b) / 2, d)) < b)
+        with torch.device("meta"):
+            shapes = build_trunk(arch, w).state_dict()
+        if all(shapes[k].shape == state[t].shape for k, t in keys.items()):
+            return w
+    raise ValueError(f"channel counts fit no {arch} width multiplier")
+
+
+def from_torchvision(state: dict[str, Tensor], width: float | None = None) -> Trunk:
+    """A trunk (eval mode) from a torchvision-layout state dict: resnet18, resnet50, vgg16_bn or AlexNet-BN.
+
+    The architecture is the one whose key set matches (``fc.*``/``classifier.*`` ignored); the width is
+    read off the channel counts unless given. VGG conv biases are folded into the next batch norm.
+    """
+    convs = {k for k, v in state.items() if k.endswith(".weight") and v.dim() == 4}
+    biases = {k.removesuffix("weight") + "bias" for k in convs} & state.keys()
+    rest = {k for k in state if not k.startswith(("fc.", "classifier."))}
+    for arch in ARCHS:
+        with torch.device("meta"):
+            ref = build_trunk(arch, 1.0)
+        prefixes = _torchvision_prefixes(ref)
+        reference = ref.state_dict()
+        keys = {k: t for k in reference if (t := _torchvision_key(prefixes, k)) is not None}
+        fold = set() if arch.startswith("resnet") else biases  # VGG's convs carry biases, ktray's none
+        if set(keys.values()) != rest - fold:
+            continue
+        ours = {k: state[t].clone() for k, t in keys.items()}
+        for b in fold:  # conv bias -> the following batch norm's running mean
+            i = int(b.split(".")[1])
+            ours[_ours(prefixes, f"features.{i + 1}.running_mean")] -= state[b]
+        with torch.device("meta"):
+            trunk = build_trunk(arch, _width_from_shapes(arch, state, reference, keys) if width is None else width)
+        trunk.load_state_dict(ours, strict=True, assign=True)
+        return trunk.eval()
+    sample = ", ".join(sorted(state)[:4])
+    raise ValueError(
+        f"not a ktray trunk nor a torchvision state dict of resnet18, resnet50, vgg16_bn or ktray's AlexNet-BN "
+        f"features (keys: {sample}, ...)"
+    )
+
+
+def _ours(prefixes: dict[str, str], theirs: str) -> str:
+    for ours, t in prefixes.items():
+        if theirs.startswith(t):
+            return ours + theirs[len(t) :]
+    raise KeyError(theirs)
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str] | None:
+    """The ``__metadata__`` of a safetensors blob, or None when ``data`` is not one (8-byte header length, JSON)."""
+    if len(data) < 10 or data[8:9] != b"{":
+        return None
+    n = int.from_bytes(data[:8], "little")
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except ValueError:
+        return None
+    return header.get("__metadata__") or {}
+
+
+def read_trunk(uri: str) -> Trunk:
+    """A trunk (eval mode) from any weights file ktray reads.
+
+    ktray's own ``teacher.pt``/``student.pt``; a torchvision-layout state dict (``torch.save``,
+    e.g. torchvision's published weights or ``ktray export --format torchvision``); or
+    safetensors in either layout (ktray's records ``arch`` and ``width`` in its metadata).
+    """
+    data = read_bytes(uri)
+    meta = _safetensors_metadata(data)
+    if meta is not None:
+        from safetensors.torch import load as load_safetensors
+
+        state = load_safetensors(data)
+        if "arch" in meta:
+            return _from_ktray_state(meta["arch"], float(meta["width"]), state)
+    else:
+        blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        if isinstance(blob, dict) and {"arch", "width", "state_dict"} <= blob.keys():
+            return _from_ktray_state(str(blob["arch"]), float(blob["width"]), blob["state_dict"])
+        if not isinstance(blob, dict) or not all(isinstance(v, Tensor) for v in blob.values()):
+            raise ValueError(f"{uri}: neither ktray weights nor a state dict of tensors")
+        state = blob
+    try:
+        return from_torchvision(state)
+    except ValueError as exc:
+        raise ValueError(f"{uri}: {exc}") from None
+
+
+def _from_ktray_state(arch: str, width: float, state: dict[str, Tensor]) -> Trunk:
+    trunk = build_trunk(arch, width, fc=any(k.startswith("fc.") for k in state))
+    trunk.load_state_dict(state, strict=True)
+    return trunk.eval()
+
+
+class TorchvisionTrunk(nn.Module):
+    """A torchvision classifier read as a trunk: ``taps(x, names)`` from named nodes of its graph.
+
+    ResNets (any depth, ResNeXt, wide): conv1 = ``relu``, conv2..conv5 = ``layer1``..``layer4``.
+    VGGs: the ReLU before each max pool; AlexNet: the ReLU after each conv. Both: fc6/fc7 = the
+    first two ReLUs of ``classifier``. Extraction runs only as deep as the deepest tap asked for.
+    """
+
+    def __init__(self, name: str, model: nn.Module) -> None:
+        super().__init__()
+        self.arch = name
+        self.model = model
+        self.nodes = _torchvision_nodes(name, model)
+        self._extractors: dict[tuple[str, ...], nn.Module] = {}
+
+    @property
+    def tap_names(self) -> tuple[str, ...]:
+        return tuple(self.nodes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.taps(x, ["conv5"])["conv5"]
+
+    def taps(self, x: Tensor, names: Sequence[str]) -> dict[str, Tensor]:
+        unknown = [n for n in names if n not in self.nodes]
+        if unknown:
+            raise KeyError(f"{self.arch} has no tap {unknown}; taps: {', '.join(self.nodes)}")
+        key = tuple(names)
+        if key not in self._extractors:
+            from torchvision.models.feature_extraction import create_feature_extractor
+
+            self._extractors[key] = create_feature_extractor(self.model, {self.nodes[n]: n for n in key})
+        extractor = self._extractors[key]
+        extractor.train(self.training)  # a graph module apart from self.model: follow its mode
+        return extractor(x)
+
+
+def _torchvision_nodes(name: str, model: nn.Module) -> dict[str, str]:
+    def relus(seq: nn.Module) -> list[int]:
+        return [i for i, m in enumerate(seq) if isinstance(m, nn.ReLU)]
+
+    if isinstance(model, torchvision.models.ResNet):
+        return dict(_RESNET_TAP_NODES)
+    if isinstance(model, torchvision.models.VGG | torchvision.models.AlexNet):
+        f = model.features
+        if isinstance(model, torchvision.models.AlexNet):
+            conv = relus(f)
+        else:
+            conv = [i for i in relus(f) if i + 1 < len(f) and isinstance(f[i + 1], nn.MaxPool2d)]
+        fc = relus(model.classifier)[:2]
+        return {**{t: f"features.{i}" for t, i in zip(CONV_TAPS, conv, strict=True)},
+                **{t: f"classifier.{i}" for t, i in zip(FC_TAPS, fc, strict=True)}}
+    raise ValueError(f"torchvision:{name}: taps are defined for torchvision's ResNet, VGG and AlexNet families")
+
+
 # --------------------------------------------------------------------------- frozen trunks and inputs
 
 RANDOM_PREFIX = "random:"
+TORCHVISION_PREFIX = "torchvision:"
 
 
 def build_random_trunk(spec: str, width: float, seed: int) -> Any:
@@ -334,11 +582,29 @@ def build_random_trunk(spec: str, width: float, seed: int) -> Any:
         return build_trunk(arch, width).eval()
 
 
+def build_torchvision_trunk(spec: str, seed: int) -> TorchvisionTrunk:
+    """``torchvision:<name>``: torchvision's own model of that name, randomly initialised (seeded), as a trunk.
+
+    Built with ``weights=None``: nothing is downloaded. Trained weights go through a weights file.
+    """
+    name = spec[len(TORCHVISION_PREFIX) :]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = torchvision.models.get_model(name, weights=None)
+    return TorchvisionTrunk(name, model).eval()
+
+
 def load_any_trunk(trunk: Any, width: float = 1.0, seed: int = 0) -> Any:
-    """A frozen trunk (eval mode, no gradients) from a weights URI, a ``random:`` spec or a module."""
+    """A frozen trunk (eval mode, no gradients) from a weights URI (:func:`read_trunk`), a ``random:`` or
+    ``torchvision:`` spec, or a module."""
 
     if isinstance(trunk, str):
-        module = build_random_trunk(trunk, width, seed) if trunk.startswith(RANDOM_PREFIX) else load_trunk(trunk)
+        if trunk.startswith(RANDOM_PREFIX):
+            module = build_random_trunk(trunk, width, seed)
+        elif trunk.startswith(TORCHVISION_PREFIX):
+            module = build_torchvision_trunk(trunk, seed)
+        else:
+            module = read_trunk(trunk)
     else:
         module = trunk
     module = module.eval()
@@ -352,6 +618,8 @@ def trunk_key(trunk: str, width: float, seed: int) -> str:
 
     if trunk.startswith(RANDOM_PREFIX):
         return "trunk-" + config_hash(trunk, width, seed)
+    if trunk.startswith(TORCHVISION_PREFIX):  # the width is the model's own
+        return "trunk-" + config_hash(trunk, seed)
     return "trunk-" + hashlib.sha256(read_bytes(trunk)).hexdigest()[:10]
 
 
