@@ -150,6 +150,19 @@ def _cmd_config(args: argparse.Namespace) -> None:
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
 
 
+def _cmd_export(args: argparse.Namespace) -> None:
+    from ktray.export import ExportError, export
+
+    taps = [t for t in args.taps.split(",") if t] if args.taps else None
+    try:
+        record = export(args.weights, args.format, args.out, image_size=args.image_size, taps=taps)
+    except (ExportError, ValueError) as exc:
+        raise SystemExit(f"ktray export: {printable(exc)}") from None
+    entry = record["formats"][args.format]
+    print(f"{record['arch']} x{record['width']:g} -> {Path(args.out) / entry['file']} "
+          f"(+ preprocessing.json: {args.image_size} px, per-image standardisation)")
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -252,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
         _config_args(p)
         if stage == "evaluate":
             p.add_argument("--trunk", default=None,
-                           help="weights file (teacher.pt/student.pt) or random:<arch>; default: the student")
+                           help="weights file (ktray, torchvision layout or safetensors), random:<arch>[:<width>] "
+                           "or torchvision:<name> (random weights); default: the student")
         p.set_defaults(func=_cmd_stage(stage))
 
     p = sub.add_parser("run", help="run the whole pipeline", formatter_class=fmt, epilog=_EPILOG,
@@ -278,6 +292,21 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--fields", action="store_true", help="list every field with its docstring")
     p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser("export", help="write a teacher or student as torchvision, safetensors, pt2 or ONNX",
+                       formatter_class=fmt,
+                       description="Read WEIGHTS_OR_STAGE (teacher.pt / student.pt, or a pretext or transfer stage\n"
+                       "folder) and write OUT/model.{pth,safetensors,pt2,onnx} and OUT/preprocessing.json (image\n"
+                       "size, the per-image standardisation, the taps). torchvision: the conv stages under\n"
+                       "torchvision's key names (ResNet, VGG16-BN; AlexNet-BN as a documented module).\n"
+                       "safetensors: the whole trunk. pt2/onnx: images -> taps, dynamic batch.\n"
+                       "ONNX needs the onnx extra: pip install 'ktray[onnx]'.")
+    p.add_argument("weights", metavar="WEIGHTS_OR_STAGE")
+    p.add_argument("--format", required=True, choices=("torchvision", "safetensors", "pt2", "onnx"))
+    p.add_argument("out", metavar="OUT", help="output folder (may hold other formats of the same weights)")
+    p.add_argument("--image-size", type=int, default=224, help="input side S in px (default 224)")
+    p.add_argument("--taps", default=None, help="pt2/onnx outputs, e.g. conv4,conv5 (default: every tap)")
+    p.set_defaults(func=_cmd_export)
 
     from ktray.submit import cli as _cmd_submit  # light: the Ray client is imported when it runs
 
