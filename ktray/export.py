@@ -174,7 +174,7 @@ def export(
     else:
         program = torch.onnx.export(
             _program(_onnx_ready(trunk), names, image_size), input_names=["images"], output_names=list(names),
-            dynamo=True, verbose=False,
+            dynamo=True, verbose=False, optimize=False,  # onnxruntime fuses the graph when it loads it
         )
         program.save(str(target))
         entry["outputs"] = [{"name": n, "shape": ["B", *shapes[n]]} for n in names]
@@ -199,7 +199,7 @@ def _torchvision_module(trunk: Trunk) -> dict[str, Any]:
         return {"torchvision": f"torchvision.models.vgg16_bn(){scaled}", "missing": "classifier.*"}
     if trunk.arch.startswith("resnet"):
         return {"torchvision": f"torchvision.models.{trunk.arch}(){scaled}", "missing": "fc.*"}
-    return {"torchvision": None, "ktray": "ktray.models.trunks.features(trunk)",
+    return {"torchvision": None, "ktray": "ktray.models.trunks.features(trunk) as a module's `features`",
             "layers": [repr(m) for m in features(trunk)]}
 
 

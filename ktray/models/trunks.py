@@ -404,7 +404,7 @@ def _width_from_shapes(
 
     Counts are ``scaled(nominal, width)`` (ResNet's bottleneck outputs 4x one), so the widths
     between two rounding cuts of any nominal count all build the same trunk: one try per interval
-    (the shortest decimal in it) on the meta device.
+    (the shortest decimal in it, shortest first) on the meta device.
     """
     c1 = state[keys["stages.conv1.0.weight"]].shape[0]
     n1 = reference["stages.conv1.0.weight"].shape[0]
@@ -412,8 +412,9 @@ def _width_from_shapes(
     nominals = {v.shape[0] for v in reference.values() if v.dim() == 4}
     cuts = sorted({lo, hi} | {(k + 0.5) / n for n in nominals for k in range(int(lo * n), int(hi * n) + 1)
                              if lo < (k + 0.5) / n < hi})
-    for a, b in itertools.pairwise(cuts):
-        w = next(r for d in range(1, 12) if a < (r := round((a + b) / 2, d)) < b)
+    shortest = [next((d, r) for d in range(1, 12) if a < (r := round((a + b) / 2, d)) < b)
+                for a, b in itertools.pairwise(cuts)]
+    for _, w in sorted(shortest):  # 0.125 before 0.1241 when both build it
         with torch.device("meta"):
             shapes = build_trunk(arch, w).state_dict()
         if all(shapes[k].shape == state[t].shape for k, t in keys.items()):
