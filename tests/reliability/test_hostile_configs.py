@@ -110,7 +110,7 @@ yaml_trees = st.recursive(yaml_leaves, lambda kids: st.one_of(st.lists(kids, max
 field_names = st.sampled_from([n for n, _, _ in iter_fields()] + ["cluster", "nope.k", "cluster.k.x", ""])
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=50, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(tree=yaml_trees, key=field_names, raw=st.text(max_size=20))
 def test_config_parser_never_crashes(tree: object, key: str, raw: str, tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
@@ -127,7 +127,7 @@ entry_names = entry_names.map(lambda t: "/".join(t[0]) + t[1]).filter(bool)  # z
 payloads = st.sampled_from([JPEG, b"", b"\xff\xd8\xff", b"not an image"])
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=50, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(entries=st.lists(st.tuples(entry_names, payloads), min_size=1, max_size=8))
 def test_archive_reader_never_crashes_nor_loses_silently(entries: list[tuple[str, bytes]], tmp_path: Path) -> None:
     buf = io.BytesIO()
