@@ -272,6 +272,11 @@ def test_evaluate_stage_on_the_sample(ray_session: None, sample_shards: str, run
     chance, sigma = 0.1, math.sqrt(0.1 * 0.9 / 300)
     for tap in res["taps"].values():
         assert 0 <= tap["top1"] <= 1 and tap["C"] in cfg.evaluate.probe_c
+        assert tap["ci95"][0] <= tap["top1"] <= tap["ci95"][1]  # the bootstrap interval brackets the figure
+    assert res["knn_ci95"][0] <= res["knn_top1"] <= res["knn_ci95"][1]
+    with np.load(sd.path("predictions.npz")) as z:  # which val images each tap got right, in image_id order
+        assert len(z["image_id"]) == 300 and list(z["image_id"]) == sorted(z["image_id"])
+        assert z["conv2"].mean() == pytest.approx(res["taps"]["conv2"]["top1"])
     # Random conv features are far from useless (the paper's random row: 12-16% on 1000 classes).
     assert max(t["top1"] for t in res["taps"].values()) > chance + 5 * sigma
     assert 0 <= res["knn_top1"] <= 1
@@ -279,7 +284,7 @@ def test_evaluate_stage_on_the_sample(ray_session: None, sample_shards: str, run
     assert res["nmi"] == pytest.approx(1.0) and res["nmi_images"] == 1000
     md = Path(sd.path("results.md")).read_text()
     assert md.startswith("| method | conv2 | conv5 | kNN | few-shot | NMI |") and "| Random |" in md
-    assert Path(sd.path("results.csv")).read_text().splitlines()[0].startswith("name,conv2,conv5,knn")
+    assert Path(sd.path("results.csv")).read_text().splitlines()[0].startswith("name,conv2,conv2_lo,conv2_hi,conv5")
     summary = sd.manifest()["metrics"]["summary"]
     assert summary["top1_conv2"] == res["taps"]["conv2"]["top1"] and summary["nmi"] == pytest.approx(1.0)
     assert evaluate.run(cfg, "random:alexnet:0.25", labels=labels, name="Random") == sd  # done: skipped
