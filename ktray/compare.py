@@ -120,20 +120,33 @@ def seeded_key(key: str, offset: int) -> str:
     return f"{key}@{offset}" if offset else key
 
 
+def split_key(table_key: str) -> tuple[str, int]:
+    """``(row key, seed offset)`` of a :func:`seeded_key`."""
+    key, _, offset = table_key.partition("@")
+    return key, int(offset or 0)
+
+
+def markdown_table(head: list[str], body: list[list[str]]) -> str:
+    """A Markdown table; empty when there is no body row."""
+    if not body:
+        return ""
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body]) + "\n"
+
+
 def seeds_table(rows: dict[str, dict[str, Any]], taps: tuple[str, ...]) -> str:
     """Mean +- standard deviation over the seeds of each row trained more than once, and the seeds' figures."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for key, r in rows.items():
-        groups.setdefault(key.split("@")[0], []).append(r)
-    head = ["method", "seeds", *taps, "kNN"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        groups.setdefault(split_key(key)[0], []).append(r)
+    body = []
     for group in (g for g in groups.values() if len(g) > 1):
         cells = [group[0]["name"], str(len(group))]
         for col in [*taps, "knn"]:
             v = 100 * np.asarray([r[col] for r in group], dtype=float)
             cells.append(f"{v.mean():.1f} ± {v.std(ddof=1):.1f} ({', '.join(f'{x:.1f}' for x in v)})")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
+        body.append(cells)
+    return markdown_table(["method", "seeds", *taps, "kNN"], body)
 
 
 # The paper's claims as (row, row it should beat): scored image by image on the same val images.
@@ -152,8 +165,7 @@ def claims_table(cfg: Config, evaluated: dict[str, StageDir], taps: tuple[str, .
                 preds[key] = {name: z[name] for name in z.files}
         except FileNotFoundError:  # evaluated before predictions were kept
             continue
-    head = ["claim", *taps, "kNN"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for a, b in ((a, b) for a, b in CLAIMS if a in preds and b in preds):
         if not np.array_equal(preds[a]["image_id"], preds[b]["image_id"]):
             raise ValueError(f"{a} and {b} were scored on different val images")
@@ -161,8 +173,8 @@ def claims_table(cfg: Config, evaluated: dict[str, StageDir], taps: tuple[str, .
         for col in [*taps, "knn"]:
             d, lo, hi = paired_interval(preds[a][col], preds[b][col], seed=cfg.seed)
             cells.append(f"{100 * d:+.1f} ({100 * lo:+.1f} to {100 * hi:+.1f})")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
+        body.append(cells)
+    return markdown_table(["claim", *taps, "kNN"], body)
 
 
 def write_table(cfg: Config, sd: StageDir, evaluated: dict[str, StageDir]) -> Output:
@@ -174,8 +186,7 @@ def write_table(cfg: Config, sd: StageDir, evaluated: dict[str, StageDir]) -> Ou
     """
     taps = tuple(cfg.evaluate.taps)
     results = {k: json.loads(read_bytes(e.path(f"{RESULTS}.json"))) for k, e in evaluated.items()}
-    rows = {k: {**evaluate.result_row(r, taps), "seed": int(k.split("@")[1]) if "@" in k else 0}
-            for k, r in results.items()}
+    rows = {k: {**evaluate.result_row(r, taps), "seed": split_key(k)[1]} for k, r in results.items()}
     first = [r for r in rows.values() if r["seed"] == 0]
     table = evaluate.format_markdown(first, taps)
     chance = next(iter(results.values()))["chance"]
@@ -190,7 +201,7 @@ def write_table(cfg: Config, sd: StageDir, evaluated: dict[str, StageDir]) -> Ou
     if seeds:
         note += ("\nTraining seeds (pretext, clustering and transfer reseeded; seed offsets 0, 1, ...): "
                  "mean ± standard deviation over the seeds, then each seed's figure.\n\n" + seeds)
-    claims = claims_table(cfg, {k: e for k, e in evaluated.items() if "@" not in k}, taps)
+    claims = claims_table(cfg, {k: e for k, e in evaluated.items() if split_key(k)[1] == 0}, taps)
     if claims:
         note += ("\nThe paper's claims, image by image: top-1 of the first row minus the second (points) on the "
                  "same val images, with its 95% paired-bootstrap interval; an interval that excludes 0 is a "

@@ -205,11 +205,15 @@ def bootstrap_interval(correct: np.ndarray, *, resamples: int = 1000, seed: int 
     measures how much the figure depends on which images were evaluated, not on training noise
     (seeds measure that).
     """
-    correct = np.asarray(correct, dtype=np.float64)
-    if correct.size == 0:
+    return _percentile_interval(np.asarray(correct, dtype=np.float64), resamples, seed)
+
+
+def _percentile_interval(values: np.ndarray, resamples: int, seed: int) -> tuple[float, float]:
+    """2.5th and 97.5th percentiles of the means of ``values`` resampled with replacement."""
+    if values.size == 0:
         return math.nan, math.nan
     rng = np.random.default_rng(seed)
-    means = correct[rng.integers(0, correct.size, size=(resamples, correct.size))].mean(axis=1)
+    means = values[rng.integers(0, values.size, size=(resamples, values.size))].mean(axis=1)
     lo, hi = np.percentile(means, [2.5, 97.5])
     return float(lo), float(hi)
 
@@ -224,12 +228,8 @@ def paired_interval(
     difference is narrower than the two rows' intervals side by side suggest.
     """
     diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    if diff.size == 0:
-        return math.nan, math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, diff.size, size=(resamples, diff.size))].mean(axis=1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return float(diff.mean()), float(lo), float(hi)
+    lo, hi = _percentile_interval(diff, resamples, seed)
+    return (float(diff.mean()) if diff.size else math.nan), lo, hi
 
 
 def knn_accuracy(
