@@ -9,7 +9,7 @@ functions or ``functools.partial``), because it travels to the workers as their 
 - batches streamed from ``ray.train.get_dataset_shard("train")`` (Ray Data builds them on CPU);
 - SGD with momentum, weight decay, and a x0.1 step every ``lr_step_epochs`` epochs (the paper's
   released Caffe solvers: lr 0.01, x0.1 steps, weight decay 5e-4); a ``channels_last`` model
-  (NHWC convolutions: tensor cores on GPU, oneDNN's blocked kernels on CPU, measured 1.35x on 2
+  (NHWC convolutions: tensor cores on GPU, oneDNN's blocked kernels on CPU, measured 1.33x on 2
   cores) and bf16 autocast where :func:`ktray.runtime.bf16_is_fast` says it pays;
 - every epoch: loss and accuracy on the training stream, loss and accuracy on the fixed ``val``
   dataset (every worker scores its shard, the sums are all-reduced), samples per second over all
