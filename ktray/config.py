@@ -241,7 +241,7 @@ class ComputeConfig(Section):
         0,
         "CPU only: torch intra-op threads per Ray Train worker (0: one per reserved CPU, at least one). "
         "More than reserved overlaps the model with the Ray Data tasks that feed it (1 worker x 2 threads "
-        "on 2 cores beat 2 workers x 1 by 1.12x (281 against 251 puzzles/s, tiny teacher)).",
+        "on 2 cores beat 2 workers x 1 by 1.12x: 281 against 251 puzzles/s, tiny teacher).",
         ge=0,
     )
     amp: bool = param(
