@@ -20,6 +20,7 @@ from pathlib import Path
 from ktray.config import STAGES, Config, ConfigError, load_config
 from ktray.data.shards import DataError
 from ktray.lifecycle import StageDamaged
+from ktray.preflight import compare_stages, pipeline_stages, preflight
 from ktray.tracking import TrackingUnavailable
 
 _CONFIG_HELP = "preset name (tiny, imagenette, imagenet) or YAML path; default: tiny"
@@ -107,9 +108,11 @@ def _cmd_data_fetch(args: argparse.Namespace) -> None:
 def _cmd_stage(stage: str) -> Callable[[argparse.Namespace], None]:
     def run(args: argparse.Namespace) -> None:
         cfg = _load(args.items)  # validate before importing torch and Ray
+        trunk = args.trunk if stage == "evaluate" else None
+        preflight(cfg, pipeline_stages(cfg, stage, trunk), trunk=trunk)
         from ktray import pipeline
 
-        extra = {"trunk": args.trunk} if stage == "evaluate" else {}
+        extra = {"trunk": trunk} if stage == "evaluate" else {}
         out = pipeline.run_stage(cfg, stage, **extra)
         print(f"{stage}: {out.uri}")
 
@@ -118,6 +121,7 @@ def _cmd_stage(stage: str) -> Callable[[argparse.Namespace], None]:
 
 def _cmd_run(args: argparse.Namespace) -> None:
     cfg = _load(args.items)
+    preflight(cfg, pipeline_stages(cfg))  # every check that needs no stage, before the first one
     from ktray import pipeline
 
     pipeline.run(cfg, force=args.force)
@@ -125,6 +129,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
 
 def _cmd_compare(args: argparse.Namespace) -> None:
     cfg = _load(args.items)
+    preflight(cfg, compare_stages(cfg))
     from ktray import compare
 
     compare.run(cfg)
@@ -132,6 +137,7 @@ def _cmd_compare(args: argparse.Namespace) -> None:
 
 def _cmd_sweep(args: argparse.Namespace) -> None:
     cfg = _load(args.items)
+    preflight(cfg, pipeline_stages(cfg), sweep=True)
     from ktray import sweep
 
     sweep.run(cfg)

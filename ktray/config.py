@@ -134,6 +134,9 @@ SAFE_PUNCT = "_-.:=,"
 SAFE_NAME = r"(?!\.)[A-Za-z0-9_\-.:=,]{1,128}"
 SPLIT_NAME = r"[A-Za-z0-9_]{1,64}"  # the split part of a shard file name (data._SHARD_RE)
 
+# The widest trunk a config may ask for; a --trunk spec is held to the same bound.
+MAX_WIDTH = 4.0  # channel width multiplier of a trunk
+
 
 class Section:
     """Base of every config section: validates its fields on construction."""
@@ -261,7 +264,7 @@ class PretextConfig(Section):
         "jigsaw", "Pretext task: Jigsaw++ (Noroozi et al. 2018) or ISD (Tejankar et al. 2020; settings in `isd`)."
     )
     arch: Arch = param("vgg16", "Teacher architecture (the paper: VGG16).")
-    width: float = param(1.0, "Channel width multiplier of the trunk.", gt=0, le=4)
+    width: float = param(1.0, "Channel width multiplier of the trunk.", gt=0, le=MAX_WIDTH)
     num_permutations: int = param(1000, "Permutations in the set (the paper: 1000; release: 701).", ge=2)
     min_hamming: int = param(3, "Guaranteed minimum pairwise Hamming distance of the set.", ge=1, le=9)
     permutation_seed: int = param(0, "Seed of the greedy permutation search.", ge=0)
@@ -395,7 +398,7 @@ DISTILL_FIELDS = ("method", "distill_queue", "distill_t_teacher", "distill_t_stu
 @_section("transfer")
 class TransferConfig(Section):
     arch: Arch = param("alexnet", "Student architecture (the paper: AlexNet).")
-    width: float = param(1.0, "Channel width multiplier of the student.", gt=0, le=4)
+    width: float = param(1.0, "Channel width multiplier of the student.", gt=0, le=MAX_WIDTH)
     image_size: int = param(224, "Training crop side (px).", ge=16)
     epochs: int = param(90, "Training epochs.", ge=1)
     batch_size: int = param(256, "Images per optimizer step, over all workers.", ge=1)
@@ -623,3 +626,35 @@ def iter_fields(cls: type = Config, prefix: str = "") -> typing.Iterator[tuple[s
             yield from iter_fields(hints[f.name], name)
         else:
             yield name, hints[f.name], f
+
+
+def width_ok(value: object) -> bool:
+    """Whether ``value`` is a width multiplier a config accepts: a finite number in (0, MAX_WIDTH]."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and 0 < value <= MAX_WIDTH)
+
+
+RANDOM_TRUNK = "random:"
+
+
+def parse_random_trunk(spec: str, width: float) -> tuple[str, float]:
+    """``random:<arch>[:<width>]`` as ``(arch, width)``; ``width`` when the spec names none.
+
+    The width obeys the config's width bounds, so a spec asks for no larger trunk than a config
+    could. A spec that does not parse raises ConfigError naming ``--trunk``.
+    """
+    where = f"--trunk {spec!r}"
+    parts = spec.removeprefix(RANDOM_TRUNK).split(":")
+    if not spec.startswith(RANDOM_TRUNK) or len(parts) > 2 or not parts[0]:
+        raise ConfigError(f"{where}: expected random:<arch>[:<width>], e.g. random:alexnet:0.5")
+    archs = typing.get_args(Arch)
+    if parts[0] not in archs:
+        raise ConfigError(f"{where}: unknown architecture {parts[0]!r}; one of {', '.join(archs)}")
+    if len(parts) == 2:
+        try:
+            width = float(parts[1])
+        except ValueError:
+            raise ConfigError(f"{where}: width {parts[1]!r} is not a number") from None
+    if not width_ok(width):
+        raise ConfigError(f"{where}: width must be a finite number > 0 and <= {MAX_WIDTH:g}, got {width!r}")
+    return parts[0], float(width)

@@ -20,7 +20,7 @@ LEVELS: dict[int, list[str]] = {
     0: ["ktray", "ktray.config", "ktray.schema", "ktray.rundir", "ktray.metrics"],  # base contracts
     1: ["ktray.plots"],  # plots
     2: ["ktray.data.*", "ktray.algos.*", "ktray.models.*", "ktray.artifacts", "ktray.fetch"],  # pure parts (no Ray)
-    3: ["ktray.runtime", "ktray.export"],  # Ray runtime; trunks out of ktray (no Ray)
+    3: ["ktray.runtime", "ktray.export", "ktray.preflight"],  # Ray runtime; trunks out; checks before any stage
     4: ["ktray.training", "ktray.tracking", "ktray.lifecycle"],  # harnesses
     5: ["ktray.methods.*"],  # training methods
     6: ["ktray.stages.*"],  # stages

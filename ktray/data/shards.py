@@ -58,6 +58,11 @@ def shard_files(path: str, split: str | None = None) -> list[str]:
     return [f"{prefix}/{n}" for n in names]
 
 
+def split_names(path: str) -> list[str]:
+    """The splits the shards of ``path`` hold, sorted."""
+    return sorted({m["split"] for f in shard_files(path) if (m := _SHARD_RE.match(Path(f).name))})
+
+
 def check_complete(path: str) -> None:
     """Raise DataError when ``path`` holds fewer (or other) shards than its pack planned.
 

@@ -52,6 +52,7 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from ktray.config import RANDOM_TRUNK, parse_random_trunk
 from ktray.rundir import config_hash, read_bytes, write_bytes_atomic
 
 ARCHS = ("alexnet", "vgg16", "resnet18", "resnet50")
@@ -564,7 +565,7 @@ def _torchvision_nodes(name: str, model: nn.Module) -> dict[str, str]:
 
 # --------------------------------------------------------------------------- frozen trunks and inputs
 
-RANDOM_PREFIX = "random:"
+RANDOM_PREFIX = RANDOM_TRUNK
 TORCHVISION_PREFIX = "torchvision:"
 
 
@@ -574,10 +575,7 @@ def build_random_trunk(spec: str, width: float, seed: int) -> Any:
     The same seed gives the same weights in every extraction actor and in every run.
     """
 
-    parts = spec[len(RANDOM_PREFIX) :].split(":")
-    arch = parts[0]
-    if len(parts) > 1:
-        width = float(parts[1])
+    arch, width = parse_random_trunk(spec, width)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build_trunk(arch, width).eval()

@@ -18,6 +18,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -32,11 +33,11 @@ from ktray.algos.probes import (
     pool_to_max_dim,
 )
 from ktray.artifacts import PREDICTIONS, RESULTS, read_labels
-from ktray.config import EvaluateConfig
+from ktray.config import EvaluateConfig, parse_random_trunk
 from ktray.data.decode import decode_batch
 from ktray.data.shards import data_path, limited_data_key, load_table, read_images
 from ktray.lifecycle import Output, StageSpec, ensure
-from ktray.models.trunks import load_any_trunk, standardise, trunk_key
+from ktray.models.trunks import RANDOM_PREFIX, load_any_trunk, standardise, trunk_key
 from ktray.rundir import StageDir, write_bytes_atomic
 from ktray.runtime import actor_cpus, resolve_device
 
@@ -199,8 +200,9 @@ def _inputs(cfg: Config, trunk: str, labels: StageDir | None) -> list[StageDir |
 def spec(cfg: Config, trunk: str, labels: StageDir | None = None, name: str = "student") -> StageSpec:
     """``trunk``: a weights file (``teacher.pt``, ``student.pt``) or ``random:<arch>[:<width>]``;
     ``labels`` (a cluster stage) adds the NMI of its pseudo-labels against the real labels."""
+    check = partial(parse_random_trunk, trunk, cfg.transfer.width) if trunk.startswith(RANDOM_PREFIX) else None
     return StageSpec("evaluate", cfg, params(cfg, name), _inputs(cfg, trunk, labels), compute,
-                     args=(trunk, labels, name))
+                     args=(trunk, labels, name), check=check)
 
 
 def output_dir(cfg: Config, trunk: str, labels: StageDir | None = None, name: str = "student") -> StageDir:
