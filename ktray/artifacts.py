@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ktray import schema
+from ktray.config import MAX_K
 from ktray.rundir import StageDir, filesystem
 
 TEACHER = "teacher.pt"  # pretext: the teacher's trunk (ktray.models.trunks weights format)
@@ -40,11 +41,16 @@ def feature_files(features: StageDir) -> list[tuple[str, int]]:
 
 
 def read_labels(labels: StageDir, image_ids: pa.Array | None = None) -> tuple[pa.Table, int]:
-    """The cluster stage's ``labels.parquet`` (checked against the labels contract) and k.
+    """The cluster stage's ``labels.parquet`` (checked against the labels contract) and k, which is at
+    most the table's rows and the largest k a config accepts.
 
     With ``image_ids``, the table must label exactly those images (see ``schema.check_labels``).
     """
-    fs, path = filesystem(labels.path(LABELS))
+    uri = labels.path(LABELS)
+    fs, path = filesystem(uri)
     table = pq.read_table(path, filesystem=fs)
-    k = schema.check_labels(table, image_ids)
+    try:
+        k = schema.check_labels(table, image_ids, max_k=MAX_K)
+    except schema.SchemaError as exc:
+        raise schema.SchemaError(f"{uri}: {exc}") from None
     return table.select(["image_id", "cluster"]), k

@@ -21,6 +21,7 @@ from ktray.config import STAGES, Config, ConfigError, load_config
 from ktray.data.shards import DataError
 from ktray.lifecycle import StageDamaged
 from ktray.preflight import compare_stages, pipeline_stages, preflight
+from ktray.schema import SchemaError
 from ktray.tracking import TrackingUnavailable
 
 _CONFIG_HELP = "preset name (tiny, imagenette, imagenet) or YAML path; default: tiny"
@@ -339,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"ktray: config error: {printable(exc)}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, TrackingUnavailable, DataError, StageDamaged) as exc:
+    except (FileNotFoundError, TrackingUnavailable, DataError, StageDamaged, SchemaError) as exc:
         print(f"ktray: {printable(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:

@@ -134,8 +134,10 @@ SAFE_PUNCT = "_-.:=,"
 SAFE_NAME = r"(?!\.)[A-Za-z0-9_\-.:=,]{1,128}"
 SPLIT_NAME = r"[A-Za-z0-9_]{1,64}"  # the split part of a shard file name (data._SHARD_RE)
 
-# The widest trunk a config may ask for; a --trunk spec is held to the same bound.
+# The largest sizes a config may ask for. A --trunk spec, a weights file's width and a labels
+# table's k are held to the same bounds, so no size read from a file allocates beyond them.
 MAX_WIDTH = 4.0  # channel width multiplier of a trunk
+MAX_K = 100_000  # clusters (or classes) of a labels table: ImageNet-21k's 21,841 classes fit
 
 
 class Section:
@@ -370,7 +372,7 @@ class EmbedConfig(Section):
 
 @_section("cluster")
 class ClusterConfig(Section):
-    k: int = param(2000, "Number of clusters (the paper: 2000).", ge=2)
+    k: int = param(2000, "Number of clusters (the paper: 2000).", ge=2, le=MAX_K)
     niter: int = param(20, "Lloyd iterations.", ge=1)
     seed: int = param(1234, "Seed for the initial centroids and subsampling (faiss default 1234).", ge=0)
     num_actors: int = param(1, "k-means actors, each holding one partition of the features.", ge=1)
@@ -474,7 +476,8 @@ class TrackingConfig(Section):
 
 @_section("sweep")
 class SweepConfig(Section):
-    k: tuple[int, ...] = param((250, 500, 1000), "cluster.k values tried (a grid with max_foreign).", ge=2)
+    k: tuple[int, ...] = param((250, 500, 1000), "cluster.k values tried (a grid with max_foreign).", ge=2,
+                               le=MAX_K)
     max_foreign: tuple[int, ...] = param((0, 1, 2), "pretext.max_foreign values tried.", ge=0, le=8)
     metric: Literal["linear_top1", "knn_top1"] = param(
         "linear_top1", "Objective: best linear-probe top-1 over the taps, or kNN top-1 on the best tap."

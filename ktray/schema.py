@@ -38,7 +38,8 @@ LABELS = pa.schema(
 
 
 class SchemaError(ValueError):
-    """A table crossing a stage boundary does not match its contract."""
+    """A table or weights file crossing a stage boundary does not match its contract (or claims
+    more than it holds)."""
 
 
 def features_schema(dim: int) -> pa.Schema:
@@ -104,18 +105,29 @@ def check_unique_ids(table_name: str, ids: pa.Array | pa.ChunkedArray) -> None:
         )
 
 
-def check_labels(table: pa.Table, image_ids: pa.Array | pa.ChunkedArray | None = None) -> int:
-    """Validate a labels table; return k. With ``image_ids``, both sides must hold the same ids."""
+def check_labels(
+    table: pa.Table, image_ids: pa.Array | pa.ChunkedArray | None = None, *, max_k: int | None = None
+) -> int:
+    """Validate a labels table; return k. With ``image_ids``, both sides must hold the same ids.
+
+    ``k`` sizes what its readers allocate (a k-way classifier, per-cluster counts), so it is held
+    to what the table holds: an integer (not a bool, a string or a float), at most ``max_k`` (the
+    largest k a config accepts) and at most the table's rows (every cluster had a row to start from).
+    """
     _check_columns("labels", table.schema, LABELS)
     meta = read_metadata(table.schema)
     if "k" not in meta:
         raise SchemaError("labels table: schema metadata lacks 'k' (the number of clusters)")
-    try:
-        k = int(meta["k"])
-    except (TypeError, ValueError):
-        raise SchemaError(f"labels table: metadata k={meta['k']!r} is not an integer") from None
+    k = meta["k"]
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise SchemaError(f"labels table: metadata k={k!r} is not an integer")
     if k < 1:
         raise SchemaError(f"labels table: metadata k={k} (the number of clusters) must be at least 1")
+    if max_k is not None and k > max_k:
+        raise SchemaError(f"labels table: metadata k={k} is above {max_k:,}, the most clusters a config accepts")
+    if k > table.num_rows:
+        raise SchemaError(f"labels table: metadata k={k} is above its {table.num_rows:,} rows (a k-way "
+                          "labelling of fewer images than clusters)")
     check_unique_ids("labels", table["image_id"])
     if table["cluster"].null_count:
         raise SchemaError(f"labels table: {table['cluster'].null_count} rows have no cluster id (null)")

@@ -43,6 +43,8 @@ import hashlib
 import io
 import itertools
 import json
+import pickle
+import zipfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,8 +54,9 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from ktray.config import RANDOM_TRUNK, parse_random_trunk
+from ktray.config import MAX_WIDTH, RANDOM_TRUNK, parse_random_trunk, width_ok
 from ktray.rundir import config_hash, read_bytes, write_bytes_atomic
+from ktray.schema import SchemaError
 
 ARCHS = ("alexnet", "vgg16", "resnet18", "resnet50")
 
@@ -308,21 +311,102 @@ def save_weights(trunk: Trunk, uri: str) -> None:
     write_bytes_atomic(uri, buf.getvalue())
 
 
+# A weights file is read as untrusted: every size it claims (its width, its tensors' shapes, its
+# records' lengths) is checked against what a config allows and what the file holds before
+# anything is allocated from it. Refusals are SchemaError: one line naming the file and the field.
+
+
+def _load_torch(uri: str, data: bytes) -> Any:
+    """``torch.load(weights_only=True)`` of a file that holds what it claims.
+
+    torch.save writes a zip of stored (uncompressed) records, so the records of an honest file
+    add up to no more than its size; a compressed record (a zip bomb: torch would inflate it on
+    load) or the pre-1.6 format (whose storages declare their own sizes) is refused unread.
+    """
+    if data[:4] != b"PK\x03\x04":
+        raise SchemaError(f"{uri}: not a weights file in torch.save's zip format")
+    try:
+        infos = zipfile.ZipFile(io.BytesIO(data)).infolist()
+    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise SchemaError(f"{uri}: not a weights file: a damaged zip ({exc})") from None
+    packed = [i.filename for i in infos if i.compress_type != zipfile.ZIP_STORED]
+    if packed:
+        raise SchemaError(f"{uri}: compressed record {packed[0]!r}: torch.save stores records uncompressed")
+    if sum(i.file_size for i in infos) > len(data):
+        raise SchemaError(f"{uri}: its records claim more bytes than the file's {len(data):,}")
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, KeyError) as exc:
+        text = " ".join(str(exc).split())
+        detail = text.split("WeightsUnpickler error: ", 1)[-1]
+        raise SchemaError(f"{uri}: refused by torch.load(weights_only=True): {detail[:300]}") from None
+
+
+def _spec(uri: str, arch: object, width: object) -> tuple[str, float]:
+    """The arch and width a weights file records, held to what a config may ask for."""
+    if not isinstance(arch, str) or arch not in ARCHS:
+        raise SchemaError(f"{uri}: arch {arch!r} is not one of {', '.join(ARCHS)}")
+    if not width_ok(width):
+        raise SchemaError(f"{uri}: width {width!r} is not a width a config accepts (a number > 0 and <= {MAX_WIDTH:g})")
+    return arch, float(width)  # type: ignore[arg-type]
+
+
+def _check_tensors(uri: str, state: object) -> dict[str, Tensor]:
+    """``state`` as a state dict whose tensors hold their elements: dense CPU tensors whose bytes add
+    up to no more than their storages hold (an expanded, stride-0 tensor claims GiBs on 4 bytes)."""
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        raise SchemaError(f"{uri}: state_dict is not a mapping of names to tensors")
+    held: dict[int, int] = {}
+    claimed = 0
+    for key, t in state.items():
+        if t.layout != torch.strided or t.device.type != "cpu":
+            raise SchemaError(f"{uri}: state_dict[{key!r}] is a {t.layout} tensor on {t.device}, not a dense CPU one")
+        storage = t.untyped_storage()
+        held[storage.data_ptr()] = storage.nbytes()
+        claimed += t.numel() * t.element_size()
+    if claimed > sum(held.values()):
+        raise SchemaError(f"{uri}: state_dict's tensors claim {claimed:,} bytes but hold {sum(held.values()):,}")
+    return state
+
+
+def _check_shapes(uri: str, arch: str, width: float, state: dict[str, Tensor]) -> bool:
+    """Whether ``state`` has fc6/fc7; SchemaError unless its keys and shapes are exactly those of the
+    trunk it names (compared on the meta device: nothing is allocated)."""
+    fc = any(k.startswith("fc.") for k in state)
+    if fc and arch.startswith("resnet"):
+        raise SchemaError(f"{uri}: state_dict has fc6/fc7 keys, which a {arch} has not")
+    with torch.device("meta"):
+        expected = build_trunk(arch, width, fc=fc).state_dict()
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise SchemaError(f"{uri}: state_dict does not match the {arch} of width {width:g}: "
+                          f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for key, ref in expected.items():
+        if state[key].shape != ref.shape:
+            raise SchemaError(f"{uri}: state_dict[{key!r}] has shape {tuple(state[key].shape)}; the {arch} of "
+                              f"width {width:g} has {tuple(ref.shape)}")
+    return fc
+
+
 def read_weights(uri: str) -> dict[str, Any]:
-    """The raw weights dict; ``weights_only=True`` refuses anything but tensors and plain data."""
-    blob = torch.load(io.BytesIO(read_bytes(uri)), map_location="cpu", weights_only=True)
+    """The weights dict (``arch``, ``width``, ``state_dict``), every claim checked; ``weights_only=True``
+    refuses anything but tensors and plain data."""
+    return _ktray_blob(uri, _load_torch(uri, read_bytes(uri)))
+
+
+def _ktray_blob(uri: str, blob: object) -> dict[str, Any]:
     if not isinstance(blob, dict) or not {"arch", "width", "state_dict"} <= blob.keys():
-        raise ValueError(f"{uri}: not a ktray weights file (expected keys arch, width, state_dict)")
-    return blob
+        raise SchemaError(f"{uri}: not a ktray weights file (expected keys arch, width, state_dict)")
+    arch, width = _spec(uri, blob["arch"], blob["width"])
+    state = _check_tensors(uri, blob["state_dict"])
+    _check_shapes(uri, arch, width, state)
+    return {**blob, "arch": arch, "width": width, "state_dict": state}
 
 
 def load_trunk(uri: str) -> Trunk:
     """Read a weights file back into a trunk of the recorded arch and width (eval mode)."""
     blob = read_weights(uri)
-    fc = any(k.startswith("fc.") for k in blob["state_dict"])
-    trunk = build_trunk(str(blob["arch"]), float(blob["width"]), fc=fc)
-    trunk.load_state_dict(blob["state_dict"], strict=True)
-    return trunk.eval()
+    return _from_ktray_state(uri, blob["arch"], blob["width"], blob["state_dict"])
 
 
 # --------------------------------------------------------------------------- torchvision twins
@@ -410,6 +494,8 @@ def _width_from_shapes(
     c1 = state[keys["stages.conv1.0.weight"]].shape[0]
     n1 = reference["stages.conv1.0.weight"].shape[0]
     lo, hi = (c1 - 0.5) / n1, (c1 + 0.5) / n1
+    if lo >= MAX_WIDTH:
+        raise ValueError(f"{c1} conv1 channels: a {arch} wider than a config accepts (width <= {MAX_WIDTH:g})")
     nominals = {v.shape[0] for v in reference.values() if v.dim() == 4}
     cuts = sorted({lo, hi} | {(k + 0.5) / n for n in nominals for k in range(int(lo * n), int(hi * n) + 1)
                              if lo < (k + 0.5) / n < hi})
@@ -441,12 +527,15 @@ def from_torchvision(state: dict[str, Tensor], width: float | None = None) -> Tr
         fold = set() if arch.startswith("resnet") else biases  # VGG's convs carry biases, ktray's none
         if set(keys.values()) != rest - fold:
             continue
+        w = _width_from_shapes(arch, state, reference, keys) if width is None else width
+        if not width_ok(w):
+            raise ValueError(f"width {w!r}: a {arch} wider than a config accepts (width <= {MAX_WIDTH:g})")
         ours = {k: state[t].clone() for k, t in keys.items()}
         for b in fold:  # conv bias -> the following batch norm's running mean
             i = int(b.split(".")[1])
             ours[_ours(prefixes, f"features.{i + 1}.running_mean")] -= state[b]
         with torch.device("meta"):
-            trunk = build_trunk(arch, _width_from_shapes(arch, state, reference, keys) if width is None else width)
+            trunk = build_trunk(arch, w)
         trunk.load_state_dict(ours, strict=True, assign=True)
         return trunk.eval()
     sample = ", ".join(sorted(state)[:4])
@@ -463,7 +552,7 @@ def _ours(prefixes: dict[str, str], theirs: str) -> str:
     raise KeyError(theirs)
 
 
-def _safetensors_metadata(data: bytes) -> dict[str, str] | None:
+def _safetensors_metadata(data: bytes) -> dict[str, object] | None:
     """The ``__metadata__`` of a safetensors blob, or None when ``data`` is not one (8-byte header length, JSON)."""
     if len(data) < 10 or data[8:9] != b"{":
         return None
@@ -472,7 +561,39 @@ def _safetensors_metadata(data: bytes) -> dict[str, str] | None:
         header = json.loads(data[8 : 8 + n])
     except ValueError:
         return None
-    return header.get("__metadata__") or {}
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
+def _number(text: object) -> object:
+    """A safetensors metadata value (always a string) as a number when it reads as one; else as it is."""
+    try:
+        return float(text) if isinstance(text, str) else text
+    except ValueError:
+        return text
+
+
+def _read_state(uri: str) -> tuple[tuple[str, float] | None, dict[str, Tensor]]:
+    """``((arch, width) or None for a torchvision layout, state dict)`` of any weights file ktray reads,
+    every claim checked but the shapes (:func:`_check_shapes`, :func:`from_torchvision`)."""
+    data = read_bytes(uri)
+    meta = _safetensors_metadata(data)
+    if meta is not None:
+        from safetensors import SafetensorError
+        from safetensors.torch import load as load_safetensors
+
+        try:
+            state = _check_tensors(uri, load_safetensors(data))
+        except SafetensorError as exc:
+            raise SchemaError(f"{uri}: not a readable safetensors file ({exc})") from None
+        return (_spec(uri, meta["arch"], _number(meta.get("width"))) if "arch" in meta else None), state
+    blob = _load_torch(uri, data)
+    if isinstance(blob, dict) and {"arch", "width", "state_dict"} <= blob.keys():
+        blob = _ktray_blob(uri, blob)
+        return (blob["arch"], blob["width"]), blob["state_dict"]
+    if not isinstance(blob, dict) or not all(isinstance(v, Tensor) for v in blob.values()):
+        raise SchemaError(f"{uri}: neither ktray weights nor a state dict of tensors")
+    return None, _check_tensors(uri, blob)
 
 
 def read_trunk(uri: str) -> Trunk:
@@ -482,29 +603,31 @@ def read_trunk(uri: str) -> Trunk:
     e.g. torchvision's published weights or ``ktray export --format torchvision``); or
     safetensors in either layout (ktray's records ``arch`` and ``width`` in its metadata).
     """
-    data = read_bytes(uri)
-    meta = _safetensors_metadata(data)
-    if meta is not None:
-        from safetensors.torch import load as load_safetensors
-
-        state = load_safetensors(data)
-        if "arch" in meta:
-            return _from_ktray_state(meta["arch"], float(meta["width"]), state)
-    else:
-        blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        if isinstance(blob, dict) and {"arch", "width", "state_dict"} <= blob.keys():
-            return _from_ktray_state(str(blob["arch"]), float(blob["width"]), blob["state_dict"])
-        if not isinstance(blob, dict) or not all(isinstance(v, Tensor) for v in blob.values()):
-            raise ValueError(f"{uri}: neither ktray weights nor a state dict of tensors")
-        state = blob
+    spec, state = _read_state(uri)
+    if spec is not None:
+        return _from_ktray_state(uri, *spec, state)
     try:
         return from_torchvision(state)
     except ValueError as exc:
-        raise ValueError(f"{uri}: {exc}") from None
+        raise SchemaError(f"{uri}: {exc}") from None
 
 
-def _from_ktray_state(arch: str, width: float, state: dict[str, Tensor]) -> Trunk:
-    trunk = build_trunk(arch, width, fc=any(k.startswith("fc.") for k in state))
+def check_weights(uri: str) -> None:
+    """Every check :func:`read_trunk` makes, without building a ktray trunk (a torchvision layout is
+    read on the meta device): a file refused here is refused before any worker loads it."""
+    spec, state = _read_state(uri)
+    if spec is not None:
+        _check_shapes(uri, *spec, state)
+        return
+    try:
+        from_torchvision(state)
+    except ValueError as exc:
+        raise SchemaError(f"{uri}: {exc}") from None
+
+
+def _from_ktray_state(uri: str, arch: str, width: float, state: dict[str, Tensor]) -> Trunk:
+    """The trunk ``state`` holds, built only once its keys and shapes match (:func:`_check_shapes`)."""
+    trunk = build_trunk(arch, width, fc=_check_shapes(uri, arch, width, state))
     trunk.load_state_dict(state, strict=True)
     return trunk.eval()
 

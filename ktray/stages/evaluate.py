@@ -37,7 +37,14 @@ from ktray.config import EvaluateConfig, parse_random_trunk
 from ktray.data.decode import decode_batch
 from ktray.data.shards import data_path, limited_data_key, load_table, read_images
 from ktray.lifecycle import Output, StageSpec, ensure
-from ktray.models.trunks import RANDOM_PREFIX, load_any_trunk, standardise, trunk_key
+from ktray.models.trunks import (
+    RANDOM_PREFIX,
+    TORCHVISION_PREFIX,
+    check_weights,
+    load_any_trunk,
+    standardise,
+    trunk_key,
+)
 from ktray.rundir import StageDir, write_bytes_atomic
 from ktray.runtime import actor_cpus, resolve_device
 
@@ -200,7 +207,8 @@ def _inputs(cfg: Config, trunk: str, labels: StageDir | None) -> list[StageDir |
 def spec(cfg: Config, trunk: str, labels: StageDir | None = None, name: str = "student") -> StageSpec:
     """``trunk``: a weights file (``teacher.pt``, ``student.pt``) or ``random:<arch>[:<width>]``;
     ``labels`` (a cluster stage) adds the NMI of its pseudo-labels against the real labels."""
-    check = partial(parse_random_trunk, trunk, cfg.transfer.width) if trunk.startswith(RANDOM_PREFIX) else None
+    check = (partial(parse_random_trunk, trunk, cfg.transfer.width) if trunk.startswith(RANDOM_PREFIX)
+             else None if trunk.startswith(TORCHVISION_PREFIX) else partial(check_weights, trunk))
     return StageSpec("evaluate", cfg, params(cfg, name), _inputs(cfg, trunk, labels), compute,
                      args=(trunk, labels, name), check=check)
 
