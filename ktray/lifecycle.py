@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import pyarrow.fs as pafs
 
 from ktray import metrics
+from ktray.data.shards import data_fingerprint
 from ktray.rundir import MANIFEST, StageDir, filesystem, record_event, stage_dir, write_manifest
 from ktray.runtime import init_ray
 
@@ -70,6 +71,7 @@ class StageSpec:
     args: tuple[Any, ...] = ()
     check: Callable[[], object] | None = None  # boundary checks, run before the folder exists
     needs_ray: bool = True
+    data: Sequence[str] = ()  # shard directories it reads: their fingerprints go in the manifest
 
     @cached_property
     def dir(self) -> StageDir:
@@ -112,6 +114,24 @@ def clear(sd: StageDir) -> None:
         fs.delete_dir(path)
 
 
+def stale_data(sd: StageDir, paths: Sequence[str]) -> str | None:
+    """Why a done folder's results are not those of the data in ``paths`` now, or None.
+
+    A folder's name hashes the data's shard names and sizes; its manifest records what the shards
+    held (:func:`ktray.data.shards.data_fingerprint`), so rows relabelled or moved under the same
+    names and sizes are caught here. A manifest without the record (an older run) is accepted.
+    """
+    recorded = sd.manifest().get("data")
+    if not isinstance(recorded, list) or not recorded:
+        return None
+    was = {r.get("fingerprint") for r in recorded if isinstance(r, dict)}
+    for path in paths:
+        if data_fingerprint(path) not in was:
+            return (f"it was computed from other rows than {path} holds now (image ids or labels changed under "
+                    "the same shard names and sizes)")
+    return None
+
+
 def ensure(spec: StageSpec, *, force: bool = False, tracker: Tracker | None = None) -> StageDir:
     """The stage's folder, computed first unless it is done; logged to MLflow when ``tracker`` is given."""
     sd, root = spec.dir, spec.cfg.root
@@ -119,7 +139,7 @@ def ensure(spec: StageSpec, *, force: bool = False, tracker: Tracker | None = No
         if force:
             clear(sd)
         reused = sd.done()
-        if reused and (problem := sd.damage()) is not None:
+        if reused and (problem := sd.damage() or stale_data(sd, spec.data)) is not None:
             raise StageDamaged(
                 f"[{spec.name}] {sd.uri} is marked done but {problem}: recompute it with "
                 f"`ktray run CONFIG --force {spec.name}` (or delete the folder)"
@@ -133,13 +153,14 @@ def ensure(spec: StageSpec, *, force: bool = False, tracker: Tracker | None = No
             started = time.time()
             if spec.check is not None:
                 spec.check()  # a refused input leaves no folder behind
+            data = [{"path": p, "fingerprint": data_fingerprint(p)} for p in spec.data]
             sd.make()
             if spec.needs_ray:
                 init_ray()  # the job's cluster (RAY_ADDRESS) or a local one
             with metrics.stage_timer(spec.name):
                 out = spec.compute(spec.cfg, sd, *spec.args)
             write_manifest(sd, config=spec.params, inputs=spec.inputs, files=out.files,
-                           metrics={"summary": out.summary, "history": out.history}, started=started)
+                           metrics={"summary": out.summary, "history": out.history}, started=started, data=data)
             seconds = time.time() - started
             record_event(root, stage=spec.name, dir=sd.name, event="finished", seconds=seconds)
             print(f"[{spec.name}] finished in {seconds:.0f} s: {sd.uri}", flush=True)

@@ -154,8 +154,10 @@ def write_manifest(
     files: Sequence[str] = (),
     metrics: dict[str, Any] | None = None,
     started: float | None = None,
+    data: Sequence[dict[str, str]] = (),
 ) -> dict[str, Any]:
-    """Mark ``sd`` done: the last write of a stage."""
+    """Mark ``sd`` done: the last write of a stage. ``data``: the path and fingerprint of each shard
+    directory it read (checked before the folder is reused)."""
     manifest = {
         "stage": sd.stage,
         "key": sd.key,
@@ -163,6 +165,7 @@ def write_manifest(
         "inputs": [i.name if isinstance(i, StageDir) else i for i in inputs],
         "files": list(files),
         "metrics": metrics or {},
+        "data": list(data),
         "versions": package_versions(),
         "started": started,
         "finished": time.time(),

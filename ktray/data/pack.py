@@ -43,7 +43,16 @@ import pyarrow.parquet as pq
 
 from ktray import schema
 from ktray.data.decode import DecodeError, open_rgb
-from ktray.data.shards import PLAN, DataError, check_complete, class_names, shard_files
+from ktray.data.shards import (
+    PLAN,
+    REPORT,
+    DataError,
+    check_complete,
+    class_names,
+    data_key,
+    rows_fingerprint,
+    shard_files,
+)
 from ktray.rundir import config_hash, filesystem, join, write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -70,7 +79,6 @@ MAX_ENTRY_BYTES = 64 * 2**20
 # Zip compression methods the standard library reads: stored, deflate, bzip2, lzma.
 ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
 
-REPORT = "pack_report.json"
 
 LOCK = ".pack.lock"
 
@@ -669,12 +677,14 @@ def _write_report(out: str, classes: list[str], refused: list[dict[str, str]], s
     skipped = list(refused)
     total_bytes = 0
     fs, _ = filesystem(out)
+    tables = []
     for f in shard_files(out):
         pf = pq.ParquetFile(filesystem(f)[1], filesystem=fs)
         meta = schema.read_metadata(pf.schema_arrow)
         skipped.extend(meta.get("skipped", []))
         total_bytes += fs.get_file_info(filesystem(f)[1]).size
-        t = pf.read(columns=["label", "split"])
+        t = pf.read(columns=["image_id", "label", "split"])
+        tables.append(t)
         for split, label in zip(t["split"].to_pylist(), t["label"].to_pylist()):
             counts.setdefault(split, Counter())[classes[label] if label is not None else "(unlabeled)"] += 1
     report = {
@@ -685,6 +695,10 @@ def _write_report(out: str, classes: list[str], refused: list[dict[str, str]], s
         },
         "bytes": total_bytes,
         "skipped": sorted(skipped, key=lambda s: s["path"]),
+        # What the shards hold (ids, labels, splits), for the shards of this data key: a stage computed
+        # from other rows under the same shard names and sizes is never reused (ktray.lifecycle).
+        "fingerprint": rows_fingerprint(pa.concat_tables(tables)) if tables else None,
+        "fingerprint_key": data_key(out) if tables else None,
     }
     write_bytes_atomic(join(out, REPORT), json.dumps(report, indent=2).encode())
     return report

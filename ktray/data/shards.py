@@ -8,6 +8,8 @@ the limit rule, the long-tailed subset), so stage folders change when the data d
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
 _SHARD_RE = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-(?P<index>\d{5,})\.parquet$")
 
 PLAN = ".pack_plan.json"  # written by the packer before its first shard: the shards a complete set holds
+REPORT = "pack_report.json"  # written by the packer after its last shard: counts, skipped files, fingerprint
 
 
 class DataError(ValueError):
@@ -110,6 +113,41 @@ def data_key(path: str) -> str:
     if not files:
         raise FileNotFoundError(f"{path}: no shards (expected files like train-00000.parquet)")
     return "data-" + config_hash([(Path(f).name, fs.get_file_info(filesystem(f)[1]).size) for f in files])
+
+
+def rows_fingerprint(table: pa.Table) -> str:
+    """What a set of images is, whatever its shards: the sha256 of its (image_id, label, split) rows in
+    image_id order (nulls as -1). Shard names and sizes alone miss an image moved to a class folder of
+    the same name length; this does not."""
+    t = table.select(["image_id", "label", "split"]).sort_by(
+        [("image_id", "ascending"), ("split", "ascending"), ("label", "ascending")]
+    )
+    rows = [t["image_id"].to_pylist(), t["label"].fill_null(-1).to_pylist(), t["split"].to_pylist()]
+    blob = json.dumps(rows, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass")
+    return "sha256:" + hashlib.sha256(blob).hexdigest()
+
+
+def data_fingerprint(path: str) -> str:
+    """:func:`rows_fingerprint` of the shards in ``path``: the one its pack recorded in pack_report.json
+    for these very shards (the same :func:`data_key`), else computed from their id, label and split
+    columns (a pack made elsewhere or before fingerprints were recorded)."""
+    key = data_key(path)
+    fs, base = filesystem(path)
+    report_path = f"{base}/{REPORT}"
+    if fs.get_file_info(report_path).type == pafs.FileType.File:
+        with fs.open_input_stream(report_path) as f:
+            try:
+                report = json.loads(f.read())
+            except ValueError:
+                report = {}
+        if isinstance(report, dict) and report.get("fingerprint_key") == key and report.get("fingerprint"):
+            return str(report["fingerprint"])
+    return _computed_fingerprint(path, key)
+
+
+@functools.lru_cache(maxsize=16)
+def _computed_fingerprint(path: str, key: str) -> str:  # key: computed again only when the shards change
+    return rows_fingerprint(load_table(path, None, ["image_id", "label", "split"]))
 
 
 def class_names(path: str) -> list[str]:

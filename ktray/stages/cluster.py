@@ -258,7 +258,7 @@ def spec(cfg: Config, features: StageDir, images: str | None = None) -> StageSpe
     """``images`` (a shard directory) adds the NMI/ARI against real labels and the gallery;
     the compute device is not part of the hash."""
     return StageSpec("cluster", cfg, cfg.cluster.to_dict(), _inputs(features, images), compute,
-                     args=(features, images))
+                     args=(features, images), data=() if images is None else (images,))
 
 
 def output_dir(cfg: Config, features: StageDir, images: str | None = None) -> StageDir:

@@ -32,7 +32,7 @@ from ktray import metrics, schema
 from ktray.algos.whitening import apply_pca, fit_pca_whitening, l2_normalize
 from ktray.artifacts import FEATURES_DIR, TEACHER, parquet_files
 from ktray.data.decode import decode_batch
-from ktray.data.shards import data_identity, read_split
+from ktray.data.shards import data_identity, data_path, read_split
 from ktray.lifecycle import Output, StageSpec, ensure
 from ktray.models.trunks import load_trunk, read_weights, standardise, tap_shapes
 from ktray.rundir import StageDir, filesystem, read_bytes, write_bytes_atomic
@@ -159,7 +159,8 @@ def params(cfg: Config) -> dict[str, Any]:
 
 
 def spec(cfg: Config, teacher: StageDir) -> StageSpec:
-    return StageSpec("embed", cfg, params(cfg), [teacher, data_identity(cfg.data)], compute, args=(teacher,))
+    return StageSpec("embed", cfg, params(cfg), [teacher, data_identity(cfg.data)], compute, args=(teacher,),
+                     data=(data_path(cfg.data),))
 
 
 def output_dir(cfg: Config, teacher: StageDir) -> StageDir:

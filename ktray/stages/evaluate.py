@@ -209,8 +209,10 @@ def spec(cfg: Config, trunk: str, labels: StageDir | None = None, name: str = "s
     ``labels`` (a cluster stage) adds the NMI of its pseudo-labels against the real labels."""
     check = (partial(parse_random_trunk, trunk, cfg.transfer.width) if trunk.startswith(RANDOM_PREFIX)
              else None if trunk.startswith(TORCHVISION_PREFIX) else partial(check_weights, trunk))
+    # The NMI of the pseudo-labels reads the real labels of the pipeline's data.
+    data = tuple(dict.fromkeys([eval_data_path(cfg), *([data_path(cfg.data)] if labels is not None else [])]))
     return StageSpec("evaluate", cfg, params(cfg, name), _inputs(cfg, trunk, labels), compute,
-                     args=(trunk, labels, name), check=check)
+                     args=(trunk, labels, name), check=check, data=data)
 
 
 def output_dir(cfg: Config, trunk: str, labels: StageDir | None = None, name: str = "student") -> StageDir:

@@ -20,7 +20,7 @@ from ktray import schema
 from ktray.algos.hog import BLOCK, CELL, ORIENTATIONS, _sample_rows, bow_histograms, hog_descriptors, train_vocabulary
 from ktray.artifacts import FEATURES_DIR
 from ktray.data.decode import decode_batch
-from ktray.data.shards import data_identity, read_split
+from ktray.data.shards import data_identity, data_path, read_split
 from ktray.lifecycle import Output, StageSpec, ensure
 from ktray.rundir import StageDir, write_npy
 
@@ -70,7 +70,7 @@ def params(cfg: Config) -> dict[str, Any]:
 
 
 def spec(cfg: Config) -> StageSpec:
-    return StageSpec("hog", cfg, params(cfg), [data_identity(cfg.data)], compute)
+    return StageSpec("hog", cfg, params(cfg), [data_identity(cfg.data)], compute, data=(data_path(cfg.data),))
 
 
 def output_dir(cfg: Config) -> StageDir:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from ktray.data.shards import data_identity
+from ktray.data.shards import data_identity, data_path
 from ktray.lifecycle import StageSpec, ensure
 from ktray.methods import isd, jigsaw
 from ktray.rundir import StageDir
@@ -24,7 +24,8 @@ METHODS: dict[str, ModuleType] = {"jigsaw": jigsaw, "isd": isd}
 
 def spec(cfg: Config) -> StageSpec:
     method = METHODS[cfg.pretext.method]
-    return StageSpec("pretext", cfg, method.params(cfg), [data_identity(cfg.data)], method.compute)
+    return StageSpec("pretext", cfg, method.params(cfg), [data_identity(cfg.data)], method.compute,
+                     data=(data_path(cfg.data),))
 
 
 def output_dir(cfg: Config) -> StageDir:

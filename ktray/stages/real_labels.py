@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 
 def spec(cfg: Config) -> StageSpec:
     params = {"split": cfg.data.train_split, "limit": cfg.data.limit}
-    return StageSpec("reallabels", cfg, params, [data_identity(cfg.data)], compute, needs_ray=False)
+    return StageSpec("reallabels", cfg, params, [data_identity(cfg.data)], compute, needs_ray=False,
+                     data=(data_path(cfg.data),))
 
 
 def output_dir(cfg: Config) -> StageDir:

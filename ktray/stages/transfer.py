@@ -14,7 +14,7 @@ from functools import partial
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from ktray.data.shards import data_identity
+from ktray.data.shards import data_identity, data_path
 from ktray.lifecycle import StageSpec, ensure
 from ktray.methods import cluster_classification, distill
 from ktray.rundir import StageDir
@@ -38,7 +38,7 @@ def params(cfg: Config) -> dict[str, Any]:
 def spec(cfg: Config, upstream: StageDir) -> StageSpec:
     method = METHODS[cfg.transfer.method]
     return StageSpec("transfer", cfg, params(cfg), [upstream, data_identity(cfg.data)], method.compute,
-                     args=(upstream,), check=partial(method.check, cfg, upstream))
+                     args=(upstream,), check=partial(method.check, cfg, upstream), data=(data_path(cfg.data),))
 
 
 def output_dir(cfg: Config, upstream: StageDir) -> StageDir:
