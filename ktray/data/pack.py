@@ -18,13 +18,17 @@ temporary name and renamed, so a half shard is never visible.
 from __future__ import annotations
 
 import bz2
+import ctypes
 import fcntl
 import gzip
 import json
 import logging
 import lzma
+import multiprocessing
 import os
 import re
+import signal
+import sys
 import tarfile
 import uuid
 import zipfile
@@ -580,7 +584,7 @@ def pack(
         log.info("%d files in %d shards; %d shards to write", len(entries), len(plans), len(todo))
         workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
         bar = tqdm(total=n_todo, unit="img", desc=f"pack {Path(src).name}", disable=not progress)
-        with ProcessPoolExecutor(workers) if workers > 1 else _Inline() as pool:
+        with _pool(workers) if workers > 1 else _Inline() as pool:
             if source.kind == "tar":
                 _pack_tar(source, root, classes, todo, out, pool, workers, bar, unlabeled)
             else:
@@ -591,6 +595,38 @@ def pack(
                     bar.update(len(plan.relpaths))
         bar.close()
         return _write_report(out, classes, refused, source=str(src))
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    """A process pool whose workers die with the process that made it, even by SIGKILL.
+
+    On Linux the workers are forked from this process (a fork server's children hold its
+    liveness pipe open, so the server and they would outlive a killed pack), from the calling
+    thread, which outlives the pool: the kernel's parent-death signal follows that thread.
+    """
+    ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
+    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_die_with_parent, initargs=(os.getpid(),))
+
+
+def _die_with_parent(parent: int) -> None:
+    """Pool initializer: on Linux, ask the kernel to SIGKILL this worker when its parent dies, so
+    a killed pack leaves no worker behind; a worker whose parent is already gone exits at once.
+    A no-op where ``prctl`` does not exist (macOS)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+            log.warning("prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(ctypes.get_errno()))
+            return
+    except (OSError, AttributeError) as exc:
+        log.warning("prctl unavailable: %s", exc)
+        return
+    if os.getppid() != parent:  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _Inline:

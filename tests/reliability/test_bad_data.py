@@ -5,11 +5,13 @@ Faults and what must happen:
 - greyscale, CMYK, palette, 16-bit and alpha images, a 1x1 image: decoded to RGB;
 - a 10000x10000 image: refused before its pixels are decoded (decompression-bomb guard);
 - a zip entry with ``..``: refused, nothing written outside the target;
-- ``ktray data pack`` SIGKILLed midway: only whole shards are visible; a rerun writes each image exactly once.
+- ``ktray data pack`` SIGKILLed midway: only whole shards are visible; a rerun writes each image exactly once;
+  its pool workers die with it (Linux), none left running.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -180,3 +182,72 @@ def test_killed_pack_resumes_without_duplicates(sample_shards: str, tmp_path: Pa
     ids = list(ids_of(str(out)))
     assert len(ids) == len(set(ids)) == len(expected) and set(ids) == expected
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+
+
+def _children(pid: int) -> dict[int, str]:
+    """The live (not zombie) children of ``pid``, with their state, read from /proc."""
+    kids: dict[int, str] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited while listed
+        if int(fields[1]) == pid and fields[0] not in "ZX":
+            kids[int(stat.parent.name)] = fields[0]
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in "ZX"  # a zombie has exited; only its reaping is left
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal and /proc are Linux-only")
+def test_killed_pack_leaves_no_pool_worker(tmp_path: Path) -> None:
+    """``kill -9`` of ``ktray data pack`` (the parent alone, not its group): every pool worker dies
+    with it within seconds; a rerun finishes with every image exactly once."""
+    src = tmp_path / "src"
+    expected = set()
+    for c in range(4):
+        (src / "train" / f"c{c}").mkdir(parents=True)
+        for i in range(50):
+            (src / "train" / f"c{c}" / f"{i:03d}.jpg").write_bytes(_jpeg((60 * c, 2 * i, 90), size=(24, 24)))
+            expected.add(f"train/c{c}/{i:03d}.jpg")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "ktray", "data", "pack", str(src), str(out), "--shard-mb", "0.002", "--workers", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    workers: dict[int, str] = {}
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and proc.poll() is None and len(workers) < 2:
+            workers = _children(proc.pid)
+            time.sleep(0.005)
+        assert len(workers) >= 2, f"the pool never started (exit {proc.poll()})"
+        os.kill(proc.pid, signal.SIGKILL)  # the parent only: its workers are not told
+        proc.wait()
+        assert not (out / REPORT).exists(), "kill landed too late"
+        deadline = time.time() + 5
+        while time.time() < deadline and any(_alive(w) for w in workers):
+            time.sleep(0.01)
+        assert not [w for w in workers if _alive(w)], "a pool worker outlived the killed pack"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # orphans keep the group: leave none behind on failure
+    pack(src, str(out), shard_mb=0.002, progress=False, workers=1)
+    ids = ids_of(str(out))
+    assert len(ids) == len(set(ids)) == len(expected) and set(ids) == expected
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux-only")
+def test_pool_worker_whose_parent_is_gone_exits() -> None:
+    """A worker whose parent died before it could ask for the parent-death signal kills itself."""
+    code = ("import sys; from ktray.data.pack import _die_with_parent; "
+            "_die_with_parent(int(sys.argv[1])); print('alive')")
+    ok = subprocess.run([sys.executable, "-c", code, str(os.getpid())], capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout.strip() == "alive", ok.stderr
+    orphan = subprocess.run([sys.executable, "-c", code, str(os.getpid() + 1)], capture_output=True, text=True)
+    assert orphan.returncode == -signal.SIGKILL and "alive" not in orphan.stdout
