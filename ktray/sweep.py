@@ -6,12 +6,18 @@ evaluation's objective. Trials share finished stages through the run directory, 
 grid trains the teacher 3 times (once per max_foreign), embeds 3 times and clusters 9 times;
 two trials that need the same stage at once wait on its lock instead of both computing it.
 Each trial is an MLflow run with a nested run per stage.
+
+Tune records every trial's config on disk (experiment state, ``params.json``, ``result.json``)
+and prints it, so the config it gets carries ``tracking.uri`` without userinfo; the trials get
+the credentials through the object store (``tune.with_parameters``) and put them where MLflow
+reads them (``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from typing import Any
 
@@ -20,7 +26,7 @@ from ktray.pipeline import run_stages
 from ktray.plots import sweep_chart
 from ktray.rundir import config_hash, filesystem, join, write_bytes_atomic
 from ktray.runtime import init_ray
-from ktray.tracking import Tracker
+from ktray.tracking import Tracker, tracking_credentials, without_credentials
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +42,32 @@ def trial_config(cfg: Config, k: int, max_foreign: int) -> Config:
     return replace(cfg, [f"cluster.k={k}", f"pretext.max_foreign={max_foreign}"])
 
 
-def run_trial(params: dict[str, Any]) -> None:
-    """Tune's driver function: one pipeline run for one (k, max_foreign)."""
+def sweep_key(cfg: Config) -> str:
+    """The sweep's id (its folder ``sweep-<id>``, the trials' ``ktray.sweep`` tag): a hash of the
+    config without tracking credentials, so no name derives from a password and a new password
+    keeps the sweep."""
+    return config_hash(without_credentials(cfg).to_dict())
+
+
+def trial_space(cfg: Config, sweep_id: str) -> dict[str, Any]:
+    """Tune's param space: the grid, and the base config without tracking credentials (Tune
+    records and prints every trial's config)."""
     from ray import tune
 
+    return {
+        "k": tune.grid_search(list(cfg.sweep.k)),
+        "max_foreign": tune.grid_search(list(cfg.sweep.max_foreign)),
+        "base": without_credentials(cfg).to_dict(),
+        "sweep_id": sweep_id,
+    }
+
+
+def run_trial(params: dict[str, Any], credentials: dict[str, str] | None = None) -> None:
+    """Tune's driver function: one pipeline run for one (k, max_foreign), tracking with ``credentials``
+    (MLflow's env vars, from the object store; never in ``params``, which Tune records)."""
+    from ray import tune
+
+    os.environ.update(credentials or {})
     base = Config.from_dict(params["base"])
     cfg = trial_config(base, params["k"], params["max_foreign"])
     tracker = Tracker(cfg)
@@ -60,7 +88,7 @@ def run(cfg: Config) -> list[dict[str, Any]]:
     from ray import tune
 
     init_ray()
-    sweep_id = config_hash(cfg.to_dict())
+    sweep_id = sweep_key(cfg)
     out_uri = join(cfg.root, f"sweep-{sweep_id}")
     # Tune's own experiment folder lives inside the sweep's, so the run root holds one sweep-<hash>.
     _, storage = filesystem(out_uri)
@@ -73,15 +101,10 @@ def run(cfg: Config) -> list[dict[str, Any]]:
     resources = {"CPU": 0.0, "memory": float(64 * 2**20)}
     if ray.cluster_resources().get("ktray_driver"):
         resources["ktray_driver"] = 1.0
-    trainable = tune.with_resources(run_trial, resources)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, credentials=tracking_credentials(cfg)), resources)
     tuner = tune.Tuner(
         trainable,
-        param_space={
-            "k": tune.grid_search(list(cfg.sweep.k)),
-            "max_foreign": tune.grid_search(list(cfg.sweep.max_foreign)),
-            "base": cfg.to_dict(),
-            "sweep_id": sweep_id,
-        },
+        param_space=trial_space(cfg, sweep_id),
         tune_config=tune.TuneConfig(max_concurrent_trials=cfg.sweep.max_concurrent),
         run_config=tune.RunConfig(name="tune", storage_path=out_uri if "://" in out_uri else storage, verbose=1),
     )

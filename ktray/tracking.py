@@ -21,6 +21,7 @@ shows the runs.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
 import os
 import tempfile
@@ -80,6 +81,24 @@ def public_params(cfg: Config) -> dict[str, Any]:
     """The config as flat MLflow params, with every URI's credentials redacted."""
     params = flatten(cfg.to_dict())
     return {k: redact(v) if isinstance(v, str) and "://" in v else v for k, v in params.items()}
+
+
+def without_credentials(cfg: Config) -> Config:
+    """``cfg`` with the userinfo stripped from ``tracking.uri``: what may be recorded, printed or hashed."""
+    clean, _, _ = split_credentials(cfg.tracking.uri)
+    if clean == cfg.tracking.uri:
+        return cfg
+    return dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, uri=clean))
+
+
+def tracking_credentials(cfg: Config) -> dict[str, str]:
+    """MLflow's credential env vars for ``cfg``: the userinfo of ``tracking.uri``, else this process's
+    ``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD`` (as :func:`check_reachable` reads them)."""
+    _, user, password = split_credentials(cfg.tracking.uri)
+    user = user or os.environ.get("MLFLOW_TRACKING_USERNAME")
+    password = password or os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    env = {"MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": password}
+    return {k: v for k, v in env.items() if v is not None}
 
 
 def tracking_uri(cfg: Config) -> str:

@@ -6,7 +6,8 @@ Faults and what must happen:
   sent is printed (count, size, largest files) before sending; an oversized upload is refused;
 - a stage manifest naming a symlink to a file outside the stage folder: never uploaded to MLflow;
 - ``tracking.uri`` with ``user:password@``: the password is never logged as a param, printed in an
-  error or put on the job's command line; a live basic-auth server counts as reachable;
+  error, put on the job's command line or handed to Ray Tune (which records and prints every trial's
+  config), nor does a sweep's id derive from it; a live basic-auth server counts as reachable;
 - hosts that only look like loopback (``127.0.0.1.attacker.example``): not loopback.
 """
 
@@ -36,7 +37,16 @@ from ktray.submit import (
     submit,
     upload_plan,
 )
-from ktray.tracking import TrackingUnavailable, artifact_files, check_reachable, public_params, redact
+from ktray.sweep import sweep_key, trial_config, trial_space
+from ktray.tracking import (
+    TrackingUnavailable,
+    artifact_files,
+    check_reachable,
+    public_params,
+    redact,
+    tracking_credentials,
+    without_credentials,
+)
 
 SECRETS = [
     ".env", "deploy/.env.production", ".netrc", "id_rsa", "keys/id_ed25519", "keys/id_ed25519.pub", "tls/server.pem",
@@ -159,6 +169,26 @@ def test_tracking_credentials_work_and_never_leak(auth_server: int, monkeypatch:
     assert items == ["cluster.k=7", "tracking.uri=https://mlflow.example"]
     assert env == {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "p@ss"}
     assert redact("sqlite:///runs/mlflow.db") == "sqlite:///runs/mlflow.db"
+
+
+def test_sweep_hands_tune_no_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tune records every trial's config (experiment state, params.json, result.json) and prints it:
+    what the sweep hands it holds the tracking URI without userinfo; the trials get the credentials apart."""
+    for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(k, raising=False)
+    secret = load_config("tiny", ["tracking.uri=http://alice:s3cr3t-pw@mlflow.example:5000", "sweep.k=[4, 8]"])
+    clean = load_config("tiny", ["tracking.uri=http://mlflow.example:5000", "sweep.k=[4, 8]"])
+    sweep_id = sweep_key(secret)
+    assert sweep_id == sweep_key(clean)  # no name derives from the password; a new password keeps the sweep
+    space = trial_space(secret, sweep_id)
+    shown = json.dumps(space) + repr(space) + repr(trial_config(without_credentials(secret), 4, 1))
+    assert "s3cr3t-pw" not in shown and "alice" not in shown
+    assert space["base"] == clean.to_dict() and space["k"] == {"grid_search": [4, 8]}
+    assert tracking_credentials(secret) == {"MLFLOW_TRACKING_USERNAME": "alice",
+                                            "MLFLOW_TRACKING_PASSWORD": "s3cr3t-pw"}
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "from-env")  # the driver's own credentials reach the trials too
+    assert tracking_credentials(clean) == {"MLFLOW_TRACKING_PASSWORD": "from-env"}
+    assert without_credentials(clean) is clean
 
 
 @pytest.mark.parametrize(
