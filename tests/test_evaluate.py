@@ -239,7 +239,10 @@ def test_random_trunk_is_seeded() -> None:
 def test_extracted_features_belong_to_their_images(ray_session: None, sample_shards: str, run_root: str) -> None:
     """Ray's actor pool returns batches in any order: each row's features and label must stay its own."""
     cfg = load_config(None, [f"root={run_root}", *FAST, "evaluate.batch_size=16"])
-    feats = extract_features(cfg, "random:alexnet:0.25", sample_shards, "val", ("conv2", "conv5"))
+    both = extract_features(cfg, "random:alexnet:0.25", sample_shards, ("train", "val"), ("conv2", "conv5"))
+    feats = both["val"]  # one pass over both splits, then each row back in its own split
+    train_ids = load_table(sample_shards, "train")["image_id"].to_pylist()
+    assert sorted(both["train"].image_ids.tolist()) == sorted(train_ids)
     table = load_table(sample_shards, "val")
     assert sorted(feats.image_ids.tolist()) == feats.image_ids.tolist() == sorted(table["image_id"].to_pylist())
     truth = dict(zip(table["image_id"].to_pylist(), table["label"].to_pylist(), strict=True))

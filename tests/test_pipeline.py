@@ -13,6 +13,7 @@ still holds everything.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shlex
@@ -150,8 +151,13 @@ def _stage_dirs(root: Path) -> list[StageDir]:
 
 
 @pytest.mark.slow
-def test_tracking_server_gone_for_good_leaves_a_warning(job_run: dict[str, str], tmp_path: Path) -> None:
+def test_tracking_server_gone_for_good_leaves_a_warning(
+    job_run: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Logging degrades to a warning naming what is missing; nothing raises; the run directory holds everything."""
+    # No HTTP retries: each refused call fails at once instead of after MLflow's backoff (the
+    # behaviour under test, the warning, is the same; the test takes seconds, not a minute).
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     root = Path(job_run["root"])
     server = MlflowServer(tmp_path / "mlflow")
     (tmp_path / "mlflow").mkdir()
@@ -168,6 +174,7 @@ def test_tracking_server_gone_for_good_leaves_a_warning(job_run: dict[str, str],
             server.kill()
             for sd in _stage_dirs(root):
                 tracker.log_stage(sd, reused=True)
+            monkeypatch.setattr(tracker, "flush", functools.partial(tracker.flush, wait=0.1))
     finally:
         logging.getLogger("ktray.tracking").removeHandler(handler)
         server.stop()

@@ -122,11 +122,11 @@ def decode_batch(
     """Ray Data ``map_batches`` function: decode a batch of image rows.
 
     Returns ``image_id``, ``pixels`` (N, size, size, 3) uint8 and ``label`` (int32, -1 when
-    unlabeled). Rows whose bytes do not decode are dropped and logged, so one bad image
-    never stops a stage. Decoded and failed counts go to the ``ktray_images_*`` metrics.
+    unlabeled), and ``split`` when the batch has one. Rows whose bytes do not decode are dropped
+    and logged, so one bad image never stops a stage. Decoded and failed counts go to the ``ktray_images_*`` metrics.
     """
     rng = np.random.default_rng(seed)
-    ids, pixels, labels = [], [], []
+    ids, pixels, labels, kept = [], [], [], []
     raw_labels = batch.get("label")
     for i, (image_id, data) in enumerate(zip(batch["image_id"], batch["image"])):
         arr = decode_image(bytes(data), size, mode, rng)
@@ -135,11 +135,15 @@ def decode_batch(
             continue
         ids.append(image_id)
         pixels.append(arr)
+        kept.append(i)
         label = None if raw_labels is None else raw_labels[i]
         labels.append(-1 if label is None or (isinstance(label, float) and np.isnan(label)) else int(label))
     metrics.record_decode(ok=len(ids), failed=len(batch["image_id"]) - len(ids), stage=stage)
-    return {
+    out = {
         "image_id": np.asarray(ids, dtype=object),
         "pixels": np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8),
         "label": np.asarray(labels, dtype=np.int32),
     }
+    if "split" in batch:  # kept when present, so several splits can share one pass
+        out["split"] = np.asarray(batch["split"], dtype=object)[kept]
+    return out

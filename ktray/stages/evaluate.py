@@ -96,7 +96,8 @@ class TapExtractor:
         ):
             acts = self.trunk.taps(x, list(self.taps))  # {tap: (B, C, h, w)}
             out = {tap: pool_to_max_dim(acts[tap].float(), self.max_dim, self.pool) for tap in self.taps}
-        return {"image_id": batch["image_id"], "label": batch["label"], **out}
+        passed = {k: batch[k] for k in ("image_id", "label", "split") if k in batch}
+        return {**passed, **out}
 
 
 @dataclass
@@ -112,24 +113,25 @@ def extract_features(
     cfg: Config,
     trunk: Any,
     data_path: str,
-    split: str | None,
+    splits: tuple[str, ...],
     taps: tuple[str, ...] | None = None,
-) -> Features:
-    """Run every image of ``split`` through the frozen ``trunk``; pooled taps on the driver.
+) -> dict[str, Features]:
+    """Run every image of ``splits`` through the frozen ``trunk``; pooled taps per split on the driver.
 
     ``trunk`` is a weights URI, ``random:<arch>[:<width>]`` or an ``nn.Module``. Streaming
     Ray Data as in embed: decode, then the trunk on a fixed-size actor pool with one GPU per
-    actor where the cluster has GPUs (Ray Data fuses the decode into the actors on CPU).
+    actor where the cluster has GPUs (Ray Data fuses the decode into the actors on CPU). The
+    splits go through one pass, so the pool (a process that loads torch and the trunk) starts once.
     """
     from ray.data import ActorPoolStrategy
-
 
     e = cfg.evaluate
     taps = tuple(taps or e.taps)
     device = resolve_device(cfg.compute.device)
     gpu = device == "cuda"
     cpus = 1 if gpu else actor_cpus(cfg.compute.cpus_per_worker, e.num_actors)
-    ds = read_images(data_path, split, cfg.data.limit, block_rows=cfg.data.decode_batch_size)
+    parts = [read_images(data_path, s, cfg.data.limit, block_rows=cfg.data.decode_batch_size) for s in splits]
+    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     decoded = ds.map_batches(
         decode_batch,
         fn_kwargs={"size": e.image_size, "mode": "center", "stage": "evaluate"},
@@ -155,21 +157,26 @@ def extract_features(
     )
     ids: list[np.ndarray] = []
     labels: list[np.ndarray] = []
+    parts_of: list[np.ndarray] = []
     cols: dict[str, list[np.ndarray]] = {t: [] for t in taps}
     for b in pooled.iter_batches(batch_format="numpy", batch_size=None):
         ids.append(np.asarray(b["image_id"]).astype(str))
         labels.append(np.asarray(b["label"], dtype=np.int64))
+        parts_of.append(np.asarray(b["split"]).astype(str))
         for t in taps:
             cols[t].append(np.asarray(b[t], dtype=np.float32))
-    if not ids:
-        raise ValueError(f"{data_path}: no decodable images in split {split!r}")
-    all_ids = np.concatenate(ids)
-    order = np.argsort(all_ids, kind="stable")
-    return Features(
-        image_ids=all_ids[order],
-        labels=np.concatenate(labels)[order],
-        taps={t: np.concatenate(cols[t])[order] for t in taps},
-    )
+    all_splits = np.concatenate(parts_of) if parts_of else np.zeros(0, str)
+    for split in splits:
+        if not (all_splits == split).any():
+            raise ValueError(f"{data_path}: no decodable images in split {split!r}")
+    all_ids, all_labels = np.concatenate(ids), np.concatenate(labels)
+    all_taps = {t: np.concatenate(cols[t]) for t in taps}
+    out: dict[str, Features] = {}
+    for split in splits:
+        mine = np.flatnonzero(all_splits == split)
+        order = mine[np.argsort(all_ids[mine], kind="stable")]
+        out[split] = Features(all_ids[order], all_labels[order], {t: x[order] for t, x in all_taps.items()})
+    return out
 
 
 COMPARE_ONLY = ("compare_seeds", "seed_rows")  # evaluate settings left out of the hash
@@ -353,8 +360,8 @@ def compute(cfg: Config, sd: StageDir, trunk: str, labels: StageDir | None, name
     taps = tuple(cfg.evaluate.taps)
     print(f"evaluate: {name} ({trunk}) on {path}, taps {', '.join(taps)}", flush=True)
     t0 = time.time()
-    train = extract_features(cfg, trunk, path, cfg.data.train_split, taps)
-    val = extract_features(cfg, trunk, path, cfg.data.val_split, taps)
+    features = extract_features(cfg, trunk, path, (cfg.data.train_split, cfg.data.val_split), taps)
+    train, val = features[cfg.data.train_split], features[cfg.data.val_split]
     extract_s = time.time() - t0
     n_img = len(train.image_ids) + len(val.image_ids)
     print(f"evaluate: features of {n_img} images in {extract_s:.1f} s ({n_img / max(extract_s, 1e-9):.1f} img/s)",
