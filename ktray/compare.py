@@ -29,10 +29,9 @@ import numpy as np
 
 from ktray.algos.probes import paired_interval
 from ktray.artifacts import PREDICTIONS, RESULTS, STUDENT, TEACHER
-from ktray.config import replace
+from ktray.config import RANDOM_TRUNK, replace
 from ktray.data.shards import data_path
 from ktray.lifecycle import Output, StageSpec, ensure
-from ktray.models.trunks import RANDOM_PREFIX
 from ktray.plots import bar_chart
 from ktray.rundir import StageDir, read_bytes, write_bytes_atomic
 from ktray.runtime import init_ray
@@ -92,7 +91,7 @@ def row(cfg: Config, key: str) -> StageDir:
         return _transfer_and_evaluate(distill, embed.run(jig, pretext.run(jig)), ROWS[key], nmi=False)
     cfg = jig
     if key == "random":
-        return evaluate.run(cfg, f"{RANDOM_PREFIX}{t.arch}:{t.width:g}", name=ROWS[key])
+        return evaluate.run(cfg, f"{RANDOM_TRUNK}{t.arch}:{t.width:g}", name=ROWS[key])
     if key in ("jigsaw", "cc_jigsaw"):
         small = student_teacher(cfg)
         teacher = pretext.run(small)

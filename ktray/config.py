@@ -637,7 +637,8 @@ def width_ok(value: object) -> bool:
             and 0 < value <= MAX_WIDTH)
 
 
-RANDOM_TRUNK = "random:"
+RANDOM_TRUNK = "random:"  # --trunk random:<arch>[:<width>]: a seeded random network
+TORCHVISION_TRUNK = "torchvision:"  # --trunk torchvision:<name>: torchvision's published weights
 
 
 def parse_random_trunk(spec: str, width: float) -> tuple[str, float]:

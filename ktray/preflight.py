@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from ktray.config import RANDOM_TRUNK, STAGES, Config, ConfigError, parse_random_trunk
+from ktray.config import RANDOM_TRUNK, STAGES, TORCHVISION_TRUNK, Config, ConfigError, parse_random_trunk
 from ktray.data.shards import (
     check_complete,
     class_names,
@@ -39,8 +39,6 @@ from ktray.data.shards import (
 )
 from ktray.data.subsets import limited_rows
 from ktray.rundir import filesystem
-
-TORCHVISION_TRUNK = "torchvision:"
 
 # The stages that read the pipeline's train split (hog and reallabels are compare's extra stages).
 _TRAINS = {"pretext", "embed", "cluster", "transfer", "hog", "reallabels"}

@@ -18,10 +18,10 @@ import torchvision
 from torch import nn
 
 from ktray import cli
+from ktray.config import RANDOM_TRUNK
 from ktray.export import FILES, FORMATS, PREPROCESSING, ExportError, export, load_program
 from ktray.models.trunks import (
     CONV_TAPS,
-    RANDOM_PREFIX,
     Trunk,
     build_trunk,
     features,
@@ -192,7 +192,7 @@ def test_torchvision_spec_builds_a_trunk_with_taps() -> None:
     # A spec names its trunk by the spec and seed; the width is the model's own.
     assert trunk_key("torchvision:resnet18", 1.0, 0) == trunk_key("torchvision:resnet18", 0.5, 0)
     assert trunk_key("torchvision:resnet18", 1.0, 0) != trunk_key("torchvision:resnet18", 1.0, 1)
-    assert trunk_key("torchvision:resnet18", 1.0, 0) != trunk_key(f"{RANDOM_PREFIX}resnet18", 1.0, 0)
+    assert trunk_key("torchvision:resnet18", 1.0, 0) != trunk_key(f"{RANDOM_TRUNK}resnet18", 1.0, 0)
 
 
 def test_onnx_without_its_extra_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -54,7 +54,7 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from ktray.config import MAX_WIDTH, RANDOM_TRUNK, parse_random_trunk, width_ok
+from ktray.config import MAX_WIDTH, RANDOM_TRUNK, TORCHVISION_TRUNK, parse_random_trunk, width_ok
 from ktray.rundir import config_hash, read_bytes, write_bytes_atomic
 from ktray.schema import SchemaError
 
@@ -688,8 +688,6 @@ def _torchvision_nodes(name: str, model: nn.Module) -> dict[str, str]:
 
 # --------------------------------------------------------------------------- frozen trunks and inputs
 
-RANDOM_PREFIX = RANDOM_TRUNK
-TORCHVISION_PREFIX = "torchvision:"
 
 
 def build_random_trunk(spec: str, width: float, seed: int) -> Any:
@@ -709,7 +707,7 @@ def build_torchvision_trunk(spec: str, seed: int) -> TorchvisionTrunk:
 
     Built with ``weights=None``: nothing is downloaded. Trained weights go through a weights file.
     """
-    name = spec[len(TORCHVISION_PREFIX) :]
+    name = spec[len(TORCHVISION_TRUNK) :]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = torchvision.models.get_model(name, weights=None)
@@ -721,9 +719,9 @@ def load_any_trunk(trunk: Any, width: float = 1.0, seed: int = 0) -> Any:
     ``torchvision:`` spec, or a module."""
 
     if isinstance(trunk, str):
-        if trunk.startswith(RANDOM_PREFIX):
+        if trunk.startswith(RANDOM_TRUNK):
             module = build_random_trunk(trunk, width, seed)
-        elif trunk.startswith(TORCHVISION_PREFIX):
+        elif trunk.startswith(TORCHVISION_TRUNK):
             module = build_torchvision_trunk(trunk, seed)
         else:
             module = read_trunk(trunk)
@@ -738,9 +736,9 @@ def load_any_trunk(trunk: Any, width: float = 1.0, seed: int = 0) -> Any:
 def trunk_key(trunk: str, width: float, seed: int) -> str:
     """Identity of a trunk for the run directory: the content hash of its weights file."""
 
-    if trunk.startswith(RANDOM_PREFIX):
+    if trunk.startswith(RANDOM_TRUNK):
         return "trunk-" + config_hash(trunk, width, seed)
-    if trunk.startswith(TORCHVISION_PREFIX):  # the width is the model's own
+    if trunk.startswith(TORCHVISION_TRUNK):  # the width is the model's own
         return "trunk-" + config_hash(trunk, seed)
     return "trunk-" + hashlib.sha256(read_bytes(trunk)).hexdigest()[:10]
 

@@ -33,18 +33,11 @@ from ktray.algos.probes import (
     pool_to_max_dim,
 )
 from ktray.artifacts import PREDICTIONS, RESULTS, read_labels
-from ktray.config import EvaluateConfig, parse_random_trunk
+from ktray.config import RANDOM_TRUNK, TORCHVISION_TRUNK, EvaluateConfig, parse_random_trunk
 from ktray.data.decode import decode_batch
 from ktray.data.shards import data_path, limited_data_key, load_table, read_images
 from ktray.lifecycle import Output, StageSpec, ensure
-from ktray.models.trunks import (
-    RANDOM_PREFIX,
-    TORCHVISION_PREFIX,
-    check_weights,
-    load_any_trunk,
-    standardise,
-    trunk_key,
-)
+from ktray.models.trunks import check_weights, load_any_trunk, standardise, trunk_key
 from ktray.rundir import StageDir, write_bytes_atomic
 from ktray.runtime import actor_cpus, resolve_device
 
@@ -214,8 +207,8 @@ def _inputs(cfg: Config, trunk: str, labels: StageDir | None) -> list[StageDir |
 def spec(cfg: Config, trunk: str, labels: StageDir | None = None, name: str = "student") -> StageSpec:
     """``trunk``: a weights file (``teacher.pt``, ``student.pt``) or ``random:<arch>[:<width>]``;
     ``labels`` (a cluster stage) adds the NMI of its pseudo-labels against the real labels."""
-    check = (partial(parse_random_trunk, trunk, cfg.transfer.width) if trunk.startswith(RANDOM_PREFIX)
-             else None if trunk.startswith(TORCHVISION_PREFIX) else partial(check_weights, trunk))
+    check = (partial(parse_random_trunk, trunk, cfg.transfer.width) if trunk.startswith(RANDOM_TRUNK)
+             else None if trunk.startswith(TORCHVISION_TRUNK) else partial(check_weights, trunk))
     # The NMI of the pseudo-labels reads the real labels of the pipeline's data.
     data = tuple(dict.fromkeys([eval_data_path(cfg), *([data_path(cfg.data)] if labels is not None else [])]))
     return StageSpec("evaluate", cfg, params(cfg, name), _inputs(cfg, trunk, labels), compute,
